@@ -1,0 +1,29 @@
+// Launchers of the scan family. Contiguous [B, T, D] tensors, raw pointers, int64 sizes.
+// initial / grad_a / grad_initial may be null (no initial state, gradient not wanted).
+#pragma once
+
+#include <cstdint>
+
+namespace retain::scan {
+
+template <typename T>
+void linear_recurrence_fwd_cpu(const T* a, const T* x, const T* initial, T* h, int64_t B, int64_t Tn,
+                               int64_t D, bool reverse, int nthreads);
+
+template <typename T>
+void linear_recurrence_bwd_cpu(const T* a, const T* h, const T* initial, const T* grad_h, T* grad_x,
+                               T* grad_a, T* grad_initial, int64_t B, int64_t Tn, int64_t D, bool reverse,
+                               int nthreads);
+
+#ifdef RETAIN_WITH_CUDA
+template <typename T>
+void linear_recurrence_fwd_cuda(const T* a, const T* x, const T* initial, T* h, int64_t B, int64_t Tn,
+                                int64_t D, bool reverse, std::uintptr_t stream);
+
+template <typename T>
+void linear_recurrence_bwd_cuda(const T* a, const T* h, const T* initial, const T* grad_h, T* grad_x,
+                                T* grad_a, T* grad_initial, int64_t B, int64_t Tn, int64_t D, bool reverse,
+                                std::uintptr_t stream);
+#endif
+
+}  // namespace retain::scan

@@ -1,0 +1,119 @@
+// CPU kernels of the scan family. The recurrence is sequential in T, so work is split over
+// (sequence, feature block) units; inside a unit the state of one feature block lives in a
+// stack buffer and the inner loop over features vectorises.
+#include <algorithm>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+#include "scan/linear_recurrence.h"
+#include "scan/scan.h"
+
+namespace retain::scan {
+namespace {
+
+constexpr int64_t kMaxBlock = 1024;  // features per unit: the state buffer stays in L1
+constexpr int64_t kMinBlock = 64;    // smaller blocks waste the hardware prefetcher
+
+// Features per unit: whole rows when there are enough sequences to feed every thread,
+// otherwise halve the block until there are about four units per thread.
+int64_t feature_block(int64_t B, int64_t D, int nthreads) {
+  int64_t block = std::min(D, kMaxBlock);
+  while (B * ((D + block - 1) / block) < 4 * int64_t{nthreads} && block > kMinBlock) {
+    block = std::max(kMinBlock, ((block / 2 + 15) / 16) * 16);
+  }
+  return std::max<int64_t>(block, 1);
+}
+
+}  // namespace
+
+template <typename T>
+void linear_recurrence_fwd_cpu(const T* __restrict a, const T* __restrict x, const T* __restrict initial,
+                               T* __restrict h, int64_t B, int64_t Tn, int64_t D, bool reverse, int nthreads) {
+  using A = Acc<T>;
+  const int64_t block = feature_block(B, D, nthreads);
+  const int64_t nblocks = (D + block - 1) / block;
+  parallel_for(B * nblocks, Tn * block, nthreads, [&](int64_t u0, int64_t u1) {
+    A state[kMaxBlock];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / nblocks;
+      const int64_t d0 = (u % nblocks) * block;
+      const int64_t n = std::min(block, D - d0);
+      for (int64_t i = 0; i < n; ++i) state[i] = initial ? load_as<A>(initial[b * D + d0 + i]) : A(0);
+      for (int64_t p = 0; p < Tn; ++p) {
+        const int64_t off = step_offset(b, p, Tn, D, reverse) + d0;
+        const T* __restrict ap = a + off;
+        const T* __restrict xp = x + off;
+        T* __restrict hp = h + off;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          state[i] = linear_step(load_as<A>(ap[i]), state[i], load_as<A>(xp[i]));
+          store_as(hp[i], state[i]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void linear_recurrence_bwd_cpu(const T* __restrict a, const T* __restrict h, const T* __restrict initial,
+                               const T* __restrict grad_h, T* __restrict grad_x, T* __restrict grad_a,
+                               T* __restrict grad_initial, int64_t B, int64_t Tn, int64_t D, bool reverse,
+                               int nthreads) {
+  using A = Acc<T>;
+  const int64_t block = feature_block(B, D, nthreads);
+  const int64_t nblocks = (D + block - 1) / block;
+  parallel_for(B * nblocks, Tn * block * 2, nthreads, [&](int64_t u0, int64_t u1) {
+    A lambda[kMaxBlock];  // dL/dx_t = dL/dh_t + a_{t+1} * lambda_{t+1}
+    A a_next[kMaxBlock];  // a of the step after this one in scan order (0 past the end)
+    A zeros[kMaxBlock];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / nblocks;
+      const int64_t d0 = (u % nblocks) * block;
+      const int64_t n = std::min(block, D - d0);
+      for (int64_t i = 0; i < n; ++i) lambda[i] = a_next[i] = zeros[i] = A(0);
+      for (int64_t p = Tn - 1; p >= 0; --p) {
+        const int64_t off = step_offset(b, p, Tn, D, reverse) + d0;
+        const T* __restrict ap = a + off;
+        const T* __restrict ghp = grad_h + off;
+        T* __restrict gxp = grad_x + off;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          lambda[i] = linear_step(a_next[i], lambda[i], load_as<A>(ghp[i]));
+          store_as(gxp[i], lambda[i]);
+          a_next[i] = load_as<A>(ap[i]);
+        }
+        if (grad_a) {
+          // dL/da_t = lambda_t * h_{t-1}, with h before the first step = initial (or 0)
+          T* __restrict gap = grad_a + off;
+          if (p > 0) {
+            const T* __restrict hprev = h + step_offset(b, p - 1, Tn, D, reverse) + d0;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) store_as(gap[i], lambda[i] * load_as<A>(hprev[i]));
+          } else if (initial) {
+            const T* __restrict h0 = initial + b * D + d0;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) store_as(gap[i], lambda[i] * load_as<A>(h0[i]));
+          } else {
+            for (int64_t i = 0; i < n; ++i) store_as(gap[i], zeros[i]);
+          }
+        }
+      }
+      if (grad_initial) {
+        for (int64_t i = 0; i < n; ++i) store_as(grad_initial[b * D + d0 + i], a_next[i] * lambda[i]);
+      }
+    }
+  });
+}
+
+#define RETAIN_INSTANTIATE(T)                                                                          \
+  template void linear_recurrence_fwd_cpu<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, \
+                                             bool, int);                                               \
+  template void linear_recurrence_bwd_cpu<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t,  \
+                                             int64_t, int64_t, bool, int);
+RETAIN_INSTANTIATE(float)
+RETAIN_INSTANTIATE(double)
+RETAIN_INSTANTIATE(bf16_t)
+RETAIN_INSTANTIATE(f16_t)
+#undef RETAIN_INSTANTIATE
+
+}  // namespace retain::scan
