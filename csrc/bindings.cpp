@@ -13,7 +13,7 @@
 #include "scan/scan.h"
 
 #ifdef RETAIN_WITH_CUDA
-#include <cuda_runtime_api.h>
+#include "common/cuda_info.h"
 #endif
 
 namespace py = pybind11;
@@ -32,7 +32,7 @@ py::dict build_info() {
 #ifdef RETAIN_WITH_CUDA
   info["cuda"] = true;
   info["cuda_archs"] = RETAIN_CUDA_ARCHS;
-  info["cuda_runtime"] = CUDART_VERSION;
+  info["cuda_runtime"] = retain::cuda_runtime_version();
 #else
   info["cuda"] = false;
   info["cuda_archs"] = "";
@@ -41,65 +41,31 @@ py::dict build_info() {
   return info;
 }
 
-void linear_recurrence_fwd_cpu(int dtype, uintptr_t a, uintptr_t x, uintptr_t initial, uintptr_t h, int64_t B,
-                               int64_t T, int64_t D, bool reverse, int nthreads) {
-  retain::check_sizes({B, T, D}, kLinearRecurrence);
-  RETAIN_DISPATCH_FLOATING(dtype, kLinearRecurrence, [&] {
-    using retain::as_mut_ptr;
-    using retain::as_ptr;
-    retain::scan::linear_recurrence_fwd_cpu<scalar_t>(
-        as_ptr<scalar_t>(a, kLinearRecurrence, "a"), as_ptr<scalar_t>(x, kLinearRecurrence, "x"),
-        as_ptr<scalar_t>(initial, kLinearRecurrence, "initial", true), as_mut_ptr<scalar_t>(h, kLinearRecurrence, "h"),
-        B, T, D, reverse, nthreads);
+// Typed pointers for the linear_recurrence entries; `launch` gets them and picks the device.
+template <typename Launch>
+void linear_recurrence_fwd(int dtype, uintptr_t a, uintptr_t x, uintptr_t initial, uintptr_t h, int64_t B,
+                           int64_t T, int64_t D, const Launch& launch) {
+  const char* op = kLinearRecurrence;
+  retain::check_sizes({B, T, D}, op);
+  RETAIN_DISPATCH_FLOATING(dtype, op, [&] {
+    launch(retain::as_ptr<scalar_t>(a, op, "a"), retain::as_ptr<scalar_t>(x, op, "x"),
+           retain::as_ptr<scalar_t>(initial, op, "initial", true), retain::as_mut_ptr<scalar_t>(h, op, "h"));
   });
 }
 
-void linear_recurrence_bwd_cpu(int dtype, uintptr_t a, uintptr_t h, uintptr_t initial, uintptr_t grad_h,
-                               uintptr_t grad_x, uintptr_t grad_a, uintptr_t grad_initial, int64_t B, int64_t T,
-                               int64_t D, bool reverse, int nthreads) {
-  retain::check_sizes({B, T, D}, kLinearRecurrence);
-  RETAIN_DISPATCH_FLOATING(dtype, kLinearRecurrence, [&] {
-    using retain::as_mut_ptr;
-    using retain::as_ptr;
-    retain::scan::linear_recurrence_bwd_cpu<scalar_t>(
-        as_ptr<scalar_t>(a, kLinearRecurrence, "a"), as_ptr<scalar_t>(h, kLinearRecurrence, "h"),
-        as_ptr<scalar_t>(initial, kLinearRecurrence, "initial", true),
-        as_ptr<scalar_t>(grad_h, kLinearRecurrence, "grad_h"), as_mut_ptr<scalar_t>(grad_x, kLinearRecurrence, "grad_x"),
-        as_mut_ptr<scalar_t>(grad_a, kLinearRecurrence, "grad_a", true),
-        as_mut_ptr<scalar_t>(grad_initial, kLinearRecurrence, "grad_initial", true), B, T, D, reverse, nthreads);
+template <typename Launch>
+void linear_recurrence_bwd(int dtype, uintptr_t a, uintptr_t h, uintptr_t initial, uintptr_t grad_h,
+                           uintptr_t grad_x, uintptr_t grad_a, uintptr_t grad_initial, int64_t B, int64_t T,
+                           int64_t D, const Launch& launch) {
+  const char* op = kLinearRecurrence;
+  retain::check_sizes({B, T, D}, op);
+  RETAIN_DISPATCH_FLOATING(dtype, op, [&] {
+    launch(retain::as_ptr<scalar_t>(a, op, "a"), retain::as_ptr<scalar_t>(h, op, "h"),
+           retain::as_ptr<scalar_t>(initial, op, "initial", true), retain::as_ptr<scalar_t>(grad_h, op, "grad_h"),
+           retain::as_mut_ptr<scalar_t>(grad_x, op, "grad_x"), retain::as_mut_ptr<scalar_t>(grad_a, op, "grad_a", true),
+           retain::as_mut_ptr<scalar_t>(grad_initial, op, "grad_initial", true));
   });
 }
-
-#ifdef RETAIN_WITH_CUDA
-void linear_recurrence_fwd_cuda(int dtype, uintptr_t a, uintptr_t x, uintptr_t initial, uintptr_t h, int64_t B,
-                                int64_t T, int64_t D, bool reverse, uintptr_t stream) {
-  retain::check_sizes({B, T, D}, kLinearRecurrence);
-  RETAIN_DISPATCH_FLOATING(dtype, kLinearRecurrence, [&] {
-    using retain::as_mut_ptr;
-    using retain::as_ptr;
-    retain::scan::linear_recurrence_fwd_cuda<scalar_t>(
-        as_ptr<scalar_t>(a, kLinearRecurrence, "a"), as_ptr<scalar_t>(x, kLinearRecurrence, "x"),
-        as_ptr<scalar_t>(initial, kLinearRecurrence, "initial", true), as_mut_ptr<scalar_t>(h, kLinearRecurrence, "h"),
-        B, T, D, reverse, stream);
-  });
-}
-
-void linear_recurrence_bwd_cuda(int dtype, uintptr_t a, uintptr_t h, uintptr_t initial, uintptr_t grad_h,
-                                uintptr_t grad_x, uintptr_t grad_a, uintptr_t grad_initial, int64_t B, int64_t T,
-                                int64_t D, bool reverse, uintptr_t stream) {
-  retain::check_sizes({B, T, D}, kLinearRecurrence);
-  RETAIN_DISPATCH_FLOATING(dtype, kLinearRecurrence, [&] {
-    using retain::as_mut_ptr;
-    using retain::as_ptr;
-    retain::scan::linear_recurrence_bwd_cuda<scalar_t>(
-        as_ptr<scalar_t>(a, kLinearRecurrence, "a"), as_ptr<scalar_t>(h, kLinearRecurrence, "h"),
-        as_ptr<scalar_t>(initial, kLinearRecurrence, "initial", true),
-        as_ptr<scalar_t>(grad_h, kLinearRecurrence, "grad_h"), as_mut_ptr<scalar_t>(grad_x, kLinearRecurrence, "grad_x"),
-        as_mut_ptr<scalar_t>(grad_a, kLinearRecurrence, "grad_a", true),
-        as_mut_ptr<scalar_t>(grad_initial, kLinearRecurrence, "grad_initial", true), B, T, D, reverse, stream);
-  });
-}
-#endif
 
 }  // namespace
 
@@ -118,10 +84,43 @@ PYBIND11_MODULE(_C, m) {
   m.attr("kernels") = kernels;
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("linear_recurrence_fwd_cpu", &linear_recurrence_fwd_cpu, nogil);
-  m.def("linear_recurrence_bwd_cpu", &linear_recurrence_bwd_cpu, nogil);
+  namespace scan = retain::scan;
+  m.def(
+      "linear_recurrence_fwd_cpu",
+      [](int dtype, uintptr_t a, uintptr_t x, uintptr_t initial, uintptr_t h, int64_t B, int64_t T, int64_t D,
+         bool reverse, int nthreads) {
+        linear_recurrence_fwd(dtype, a, x, initial, h, B, T, D, [&](auto... p) {
+          scan::linear_recurrence_fwd_cpu(p..., B, T, D, reverse, nthreads);
+        });
+      },
+      nogil);
+  m.def(
+      "linear_recurrence_bwd_cpu",
+      [](int dtype, uintptr_t a, uintptr_t h, uintptr_t initial, uintptr_t grad_h, uintptr_t grad_x,
+         uintptr_t grad_a, uintptr_t grad_initial, int64_t B, int64_t T, int64_t D, bool reverse, int nthreads) {
+        linear_recurrence_bwd(dtype, a, h, initial, grad_h, grad_x, grad_a, grad_initial, B, T, D, [&](auto... p) {
+          scan::linear_recurrence_bwd_cpu(p..., B, T, D, reverse, nthreads);
+        });
+      },
+      nogil);
 #ifdef RETAIN_WITH_CUDA
-  m.def("linear_recurrence_fwd_cuda", &linear_recurrence_fwd_cuda, nogil);
-  m.def("linear_recurrence_bwd_cuda", &linear_recurrence_bwd_cuda, nogil);
+  m.def(
+      "linear_recurrence_fwd_cuda",
+      [](int dtype, uintptr_t a, uintptr_t x, uintptr_t initial, uintptr_t h, int64_t B, int64_t T, int64_t D,
+         bool reverse, uintptr_t stream) {
+        linear_recurrence_fwd(dtype, a, x, initial, h, B, T, D, [&](auto... p) {
+          scan::linear_recurrence_fwd_cuda(p..., B, T, D, reverse, stream);
+        });
+      },
+      nogil);
+  m.def(
+      "linear_recurrence_bwd_cuda",
+      [](int dtype, uintptr_t a, uintptr_t h, uintptr_t initial, uintptr_t grad_h, uintptr_t grad_x,
+         uintptr_t grad_a, uintptr_t grad_initial, int64_t B, int64_t T, int64_t D, bool reverse, uintptr_t stream) {
+        linear_recurrence_bwd(dtype, a, h, initial, grad_h, grad_x, grad_a, grad_initial, B, T, D, [&](auto... p) {
+          scan::linear_recurrence_bwd_cuda(p..., B, T, D, reverse, stream);
+        });
+      },
+      nogil);
 #endif
 }

@@ -30,6 +30,19 @@ REBUILD_HINT = (
 )
 
 
+# Tests set this (tests/conftest.py): fresh outputs are filled with NaN so that an element a
+# kernel forgets to write fails the comparison instead of passing by luck.
+poison_outputs = False
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous output shaped like ``t`` (NaN-filled while ``poison_outputs`` is set)."""
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    if poison_outputs and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
 def native_available() -> bool:
     """True when the native module loaded."""
     return _C is not None

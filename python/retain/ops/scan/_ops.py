@@ -31,7 +31,7 @@ def linear_recurrence_op(a: Tensor, x: Tensor, initial: Tensor | None, reverse: 
         return reference.linear_recurrence_ref(a, x, initial=initial, reverse=reverse).contiguous()
     a, x = a.contiguous(), x.contiguous()
     initial = initial.contiguous() if initial is not None else None
-    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = _native.empty_like(x)
     B, T, D = _sizes(x)
     if h.numel() == 0:
         return h
@@ -48,7 +48,7 @@ def linear_recurrence_op(a: Tensor, x: Tensor, initial: Tensor | None, reverse: 
 
 @linear_recurrence_op.register_fake
 def _(a: Tensor, x: Tensor, initial: Tensor | None, reverse: bool) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _empty_like(x)
 
 
 @torch.library.custom_op("retain::linear_recurrence_backward", mutates_args=())
@@ -62,10 +62,7 @@ def linear_recurrence_backward_op(
         return _backward_ref(grad_h, a, h, initial, reverse, need_grad_a)
     grad_h, a, h = grad_h.contiguous(), a.contiguous(), h.contiguous()
     initial = initial.contiguous() if initial is not None else None
-    grad_x = torch.empty_like(h, memory_format=torch.contiguous_format)
-    grad_a = torch.empty_like(h, memory_format=torch.contiguous_format) if need_grad_a else h.new_empty(0)
-    grad_initial = torch.empty_like(initial, memory_format=torch.contiguous_format) if initial is not None \
-        else h.new_empty(0)
+    grad_x, grad_a, grad_initial = _grad_buffers(h, initial, need_grad_a, _native.empty_like)
     B, T, D = _sizes(h)
     if h.numel() == 0:  # nothing depends on initial when T == 0
         return grad_x, grad_a, grad_initial.zero_()
@@ -82,11 +79,17 @@ def linear_recurrence_backward_op(
 
 @linear_recurrence_backward_op.register_fake
 def _(grad_h, a, h, initial, reverse, need_grad_a):
-    grad_x = torch.empty_like(h, memory_format=torch.contiguous_format)
-    grad_a = torch.empty_like(h, memory_format=torch.contiguous_format) if need_grad_a else h.new_empty(0)
-    grad_initial = torch.empty_like(initial, memory_format=torch.contiguous_format) if initial is not None \
-        else h.new_empty(0)
-    return grad_x, grad_a, grad_initial
+    return _grad_buffers(h, initial, need_grad_a, _empty_like)
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _grad_buffers(h, initial, need_grad_a, empty):
+    """(grad_x, grad_a, grad_initial) outputs; the unwanted ones are empty tensors."""
+    return (empty(h), empty(h) if need_grad_a else h.new_empty(0),
+            empty(initial) if initial is not None else h.new_empty(0))
 
 
 def _backward_ref(grad_h, a, h, initial, reverse, need_grad_a):

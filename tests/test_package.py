@@ -1,0 +1,90 @@
+"""The package as a user meets it: lean import, capabilities, `retain info`, and a native module
+that fails to load."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import retain
+
+OPTIONAL = ["numba", "assoc_scan", "accelerated_scan", "matplotlib", "hypothesis", "pytest", "scipy", "triton",
+            "fla", "cupy"]
+
+
+def run_python(code: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_import_is_lean_and_initialises_no_cuda():
+    proc = run_python(
+        "import sys, retain, torch\n"
+        f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules))\n"
+        "print(torch.cuda.is_initialized())\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded, cuda_initialised = proc.stdout.split("\n")[:2]
+    assert loaded == "[]"
+    assert cuda_initialised == "False"
+
+
+def test_capabilities_report_build_and_kernels():
+    caps = retain.capabilities()
+    assert caps["native"] is True and caps["load_error"] is None
+    assert caps["build"]["version"] == retain.__version__
+    assert caps["build"]["openmp"] > 0
+    assert "cpu" in caps["kernels"]["linear_recurrence"]
+    assert ("cuda" in caps["kernels"]["linear_recurrence"]) == caps["build"]["cuda"]
+
+
+def test_retain_info_runs_a_smoke_test():
+    proc = subprocess.run([sys.executable, "-m", "retain", "info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"retain {retain.__version__}" in proc.stdout
+    assert "linear_recurrence" in proc.stdout
+    assert "smoke test on cpu: ok" in proc.stdout
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("retain") or os.path.join(os.path.dirname(sys.executable), "retain")
+    if not os.path.exists(exe):
+        pytest.fail(f"the `retain` console script is not installed next to {sys.executable}")
+    proc = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+BLOCK_NATIVE = (
+    "import sys, importlib.abc\n"
+    "class Block(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path, target=None):\n"
+    "        if name == 'retain._C':\n"
+    "            raise ImportError('simulated: libfoo.so: cannot open shared object file')\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
+
+
+def test_failed_native_load_keeps_import_working_and_explains_itself():
+    proc = run_python(
+        BLOCK_NATIVE
+        + "import torch, retain\n"
+        "print(retain.native_available())\n"
+        "try:\n"
+        "    retain.ops.linear_recurrence(torch.rand(1, 3, 2), torch.rand(1, 3, 2))\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("False")
+    assert "ERROR retain's native module retain._C failed to load" in proc.stdout
+    assert "simulated: libfoo.so" in proc.stdout and "pip install" in proc.stdout
+
+
+def test_retain_info_fails_when_native_module_cannot_load():
+    proc = run_python(BLOCK_NATIVE + "from retain.__main__ import main\nsys.exit(main(['info']))\n")
+    assert proc.returncode == 1
+    assert "native module: FAILED to load" in proc.stdout
