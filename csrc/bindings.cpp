@@ -22,6 +22,7 @@ using std::uintptr_t;
 namespace {
 
 constexpr const char* kLinearRecurrence = "retain::linear_recurrence";
+constexpr const char* kMemoryScan = "retain::memory_scan";
 
 py::dict build_info() {
   py::dict info;
@@ -67,6 +68,89 @@ void linear_recurrence_bwd(int dtype, uintptr_t a, uintptr_t h, uintptr_t initia
   });
 }
 
+// memory_scan takes its many pointers and scalars as one dict (names as in MemoryScanParams):
+// read under the GIL, then the kernel runs without it.
+template <typename T>
+retain::scan::MemoryScanParams<T> memory_scan_params(const py::dict& d) {
+  using A = retain::Acc<T>;
+  const char* op = kMemoryScan;
+  auto ptr = [&](const char* key) -> uintptr_t { return d.contains(key) ? d[key].cast<uintptr_t>() : 0; };
+  auto size = [&](const char* key) { return d[key].cast<int64_t>(); };
+  retain::scan::MemoryScanParams<T> P;
+  P.q = retain::as_ptr<T>(ptr("q"), op, "q");
+  P.k = retain::as_ptr<T>(ptr("k"), op, "k");
+  P.v = retain::as_ptr<T>(ptr("v"), op, "v");
+  P.beta = retain::as_ptr<T>(ptr("beta"), op, "beta");
+  P.g = retain::as_ptr<T>(ptr("g"), op, "g", true);
+  P.eta = retain::as_ptr<T>(ptr("eta"), op, "eta", true);
+  P.initial_S = retain::as_ptr<A>(ptr("initial_S"), op, "initial_S", true);
+  P.initial_Z = retain::as_ptr<A>(ptr("initial_Z"), op, "initial_Z", true);
+  P.cu_seqlens = retain::as_ptr<int64_t>(ptr("cu_seqlens"), op, "cu_seqlens", true);
+  P.o = retain::as_mut_ptr<T>(ptr("o"), op, "o", true);
+  P.final_S = retain::as_mut_ptr<A>(ptr("final_S"), op, "final_S", true);
+  P.final_Z = retain::as_mut_ptr<A>(ptr("final_Z"), op, "final_Z", true);
+  P.states = retain::as_mut_ptr<A>(ptr("states"), op, "states", true);
+  P.ckpt_S = retain::as_mut_ptr<A>(ptr("ckpt_S"), op, "ckpt_S", true);
+  P.ckpt_Z = retain::as_mut_ptr<A>(ptr("ckpt_Z"), op, "ckpt_Z", true);
+  P.B = size("B"); P.T = size("T"); P.H = size("H"); P.K = size("K"); P.V = size("V"); P.N = size("N");
+  P.states_every = size("states_every");
+  P.states_rows = size("states_rows");
+  P.ckpt_every = size("ckpt_every");
+  retain::check_sizes({P.B, P.T, P.H, P.K, P.V, P.N, P.states_every, P.states_rows, P.ckpt_every}, op);
+  P.scale = static_cast<A>(d["scale"].cast<double>());
+  P.p = static_cast<A>(d["p"].cast<double>());
+  P.delta = static_cast<A>(d["delta"].cast<double>());
+  P.eps = static_cast<A>(d["eps"].cast<double>());
+  P.objective = d["objective"].cast<int>();
+  P.gate_kind = d["gate_kind"].cast<int>();
+  P.l2norm = d["l2norm"].cast<bool>();
+  P.retention_first = d["retention_first"].cast<bool>();
+  P.gate_log = d["gate_log"].cast<bool>();
+  retain::check(P.objective >= 0 && P.objective <= 3, op, "objective code out of range");
+  retain::check(P.gate_kind >= 0 && P.gate_kind <= 2, op, "gate kind code out of range");
+  return P;
+}
+
+template <typename T>
+retain::scan::MemoryScanGrads<T> memory_scan_grads(const py::dict& d) {
+  using A = retain::Acc<T>;
+  const char* op = kMemoryScan;
+  auto ptr = [&](const char* key) -> uintptr_t { return d.contains(key) ? d[key].cast<uintptr_t>() : 0; };
+  retain::scan::MemoryScanGrads<T> G;
+  G.grad_o = retain::as_ptr<T>(ptr("grad_o"), op, "grad_o");
+  G.grad_final_S = retain::as_ptr<A>(ptr("grad_final_S"), op, "grad_final_S", true);
+  G.grad_final_Z = retain::as_ptr<A>(ptr("grad_final_Z"), op, "grad_final_Z", true);
+  G.grad_states = retain::as_ptr<A>(ptr("grad_states"), op, "grad_states", true);
+  G.grad_q = retain::as_mut_ptr<T>(ptr("grad_q"), op, "grad_q");
+  G.grad_k = retain::as_mut_ptr<T>(ptr("grad_k"), op, "grad_k");
+  G.grad_v = retain::as_mut_ptr<T>(ptr("grad_v"), op, "grad_v");
+  G.grad_beta = retain::as_mut_ptr<T>(ptr("grad_beta"), op, "grad_beta");
+  G.grad_g = retain::as_mut_ptr<T>(ptr("grad_g"), op, "grad_g", true);
+  G.grad_eta = retain::as_mut_ptr<T>(ptr("grad_eta"), op, "grad_eta", true);
+  G.grad_initial_S = retain::as_mut_ptr<A>(ptr("grad_initial_S"), op, "grad_initial_S", true);
+  G.grad_initial_Z = retain::as_mut_ptr<A>(ptr("grad_initial_Z"), op, "grad_initial_Z", true);
+  return G;
+}
+
+void memory_scan_fwd_cpu(int dtype, const py::dict& params, int nthreads) {
+  RETAIN_DISPATCH_FLOATING(dtype, kMemoryScan, [&] {
+    const auto P = memory_scan_params<scalar_t>(params);
+    retain::check(P.ckpt_every > 0 || !P.ckpt_S, kMemoryScan, "checkpoints need ckpt_every > 0");
+    py::gil_scoped_release nogil;
+    retain::scan::memory_scan_fwd_cpu(P, nthreads);
+  });
+}
+
+void memory_scan_bwd_cpu(int dtype, const py::dict& params, const py::dict& grads, int nthreads) {
+  RETAIN_DISPATCH_FLOATING(dtype, kMemoryScan, [&] {
+    const auto P = memory_scan_params<scalar_t>(params);
+    const auto G = memory_scan_grads<scalar_t>(grads);
+    retain::check(P.ckpt_every > 0, kMemoryScan, "the backward needs ckpt_every > 0");
+    py::gil_scoped_release nogil;
+    retain::scan::memory_scan_bwd_cpu(P, G, nthreads);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -81,6 +165,9 @@ PYBIND11_MODULE(_C, m) {
   lr_devices.append("cuda");
 #endif
   kernels["linear_recurrence"] = lr_devices;
+  py::list ms_devices;
+  ms_devices.append("cpu");
+  kernels["memory_scan"] = ms_devices;
   m.attr("kernels") = kernels;
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -103,6 +190,8 @@ PYBIND11_MODULE(_C, m) {
         });
       },
       nogil);
+  m.def("memory_scan_fwd_cpu", &memory_scan_fwd_cpu);
+  m.def("memory_scan_bwd_cpu", &memory_scan_bwd_cpu);
 #ifdef RETAIN_WITH_CUDA
   m.def(
       "linear_recurrence_fwd_cuda",

@@ -27,3 +27,15 @@ void linear_recurrence_bwd_cuda(const T* a, const T* h, const T* initial, const 
 #endif
 
 }  // namespace retain::scan
+
+#include "scan/memory_scan.h"
+
+namespace retain::scan {
+
+template <typename T>
+void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads);
+
+template <typename T>
+void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int nthreads);
+
+}  // namespace retain::scan

@@ -3,6 +3,6 @@ registrations, so it runs in eager mode, under ``torch.compile(fullgraph=True)``
 ``torch.export``. Every op has a pure-PyTorch reference in ``retain.ops.<family>.reference``.
 """
 
-from retain.ops.scan import linear_recurrence
+from retain.ops.scan import delta_rule, gated_delta_rule, linear_attn, linear_recurrence, memory_scan, titans_linear
 
-__all__ = ["linear_recurrence"]
+__all__ = ["delta_rule", "gated_delta_rule", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]

@@ -1,13 +1,15 @@
-"""Scan family: associative-memory recurrences. For now the first-order linear recurrence."""
+"""Scan family: associative-memory recurrences (memory_scan and its named ops) and the
+first-order linear recurrence."""
 
 from __future__ import annotations
 
 import torch
 
 from retain.ops._checks import check_floating, check_same, check_shape, check_tensor
+from retain.ops.scan._memory import delta_rule, gated_delta_rule, linear_attn, memory_scan, titans_linear
 from retain.ops.scan._ops import linear_recurrence_op
 
-__all__ = ["linear_recurrence"]
+__all__ = ["delta_rule", "gated_delta_rule", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]
 
 
 def linear_recurrence(

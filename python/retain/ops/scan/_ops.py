@@ -129,3 +129,218 @@ def _backward(ctx, grad_h):
 
 
 linear_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# memory_scan ---------------------------------------------------------------------------------
+
+OBJECTIVE_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}  # retain::scan::Objective
+GATE_CODES = {None: 0, "head": 1, "key": 2}  # retain::scan::GateKind
+LP_EPS = reference.LP_EPS
+CKPT_BYTES = 1 << 21  # the backward recomputes one chunk of C states: C*K*V*bytes <= 2 MiB
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States are float32 for 16-bit and float32 inputs, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def checkpoint_every(K: int, V: int, dtype: torch.dtype) -> int:
+    """Steps between saved states: 64, fewer for large K*V so a chunk's states stay <= 2 MiB."""
+    nbytes = K * V * torch.empty(0, dtype=acc_dtype(dtype)).element_size()
+    return max(1, min(64, CKPT_BYTES // max(nbytes, 1)))
+
+
+def _ms_shapes(q, v, initial_S, cu_seqlens, states_every, states_rows, ckpt_every):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    return dict(B=B, T=T, H=H, K=K, V=V, N=N, states_every=states_every, states_rows=states_rows,
+                ckpt_every=ckpt_every)
+
+
+def _ms_outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, empty):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    acc = acc_dtype(q.dtype)
+    C = checkpoint_every(K, V, q.dtype)
+    new = lambda *shape: empty(q.new_empty(shape, dtype=acc))  # noqa: E731
+    nothing = lambda: q.new_empty(0, dtype=acc)  # noqa: E731  (outputs must not alias each other)
+    o = empty(q.new_empty((B, T, H, V)))
+    final_S = new(N, H, K, V)
+    final_Z = new(N, H, K, V) if eta is not None else nothing()
+    states = new(B, states_rows, H, K, V) if states_every > 0 else nothing()
+    n_ckpt = -(-T // C)
+    ckpt_S = new(B, H, n_ckpt, K, V) if save_ckpt else nothing()
+    ckpt_Z = new(B, H, n_ckpt, K, V) if save_ckpt and eta is not None else nothing()
+    return o, final_S, final_Z, states, ckpt_S, ckpt_Z
+
+
+def _ms_params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
+               retention_first, gate_log, states_every, states_rows):
+    K = q.shape[-1]
+    gate_kind = 0 if g is None else (1 if g.dim() == 3 else 2)
+    d = _ms_shapes(q, v, initial_S, cu_seqlens, states_every, states_rows, checkpoint_every(K, v.shape[-1], q.dtype))
+    d.update(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), beta=beta.data_ptr(), g=_ptr(g), eta=_ptr(eta),
+             initial_S=_ptr(initial_S), initial_Z=_ptr(initial_Z), cu_seqlens=_ptr(cu_seqlens),
+             scale=scale, p=p, delta=delta, eps=LP_EPS, objective=objective, gate_kind=gate_kind, l2norm=l2norm,
+             retention_first=retention_first, gate_log=gate_log)
+    return d
+
+
+def _contig(*ts):
+    return [t.contiguous() if t is not None else None for t in ts]
+
+
+@torch.library.custom_op("retain::memory_scan", mutates_args=())
+def memory_scan_op(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, eta: Tensor | None,
+    initial_S: Tensor | None, initial_Z: Tensor | None, cu_seqlens: Tensor | None,
+    objective: int, p: float, delta: float, scale: float, l2norm: bool, retention_first: bool, gate_log: bool,
+    states_every: int, states_rows: int, save_ckpt: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(o, final_S, final_Z, states, ckpt_S, ckpt_Z); see retain.ops.memory_scan. Unused outputs
+    (final_Z without momentum, states without states_every, checkpoints without save_ckpt) are empty."""
+    args = (q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens)
+    if kernel_device("memory_scan", q) is None:
+        return _memory_scan_fallback(*args, objective, p, delta, scale, l2norm, retention_first, gate_log,
+                                     states_every, save_ckpt)
+    q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens = _contig(*args)
+    outs = _ms_outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, _native.empty_like)
+    o, final_S, final_Z, states, ckpt_S, ckpt_Z = outs
+    d = _ms_params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
+                   retention_first, gate_log, states_every, states_rows)
+    d.update(o=o.data_ptr(), final_S=final_S.data_ptr(), final_Z=_ptr(final_Z if eta is not None else None),
+             states=_ptr(states if states_every > 0 else None),
+             ckpt_S=_ptr(ckpt_S if save_ckpt else None), ckpt_Z=_ptr(ckpt_Z if save_ckpt and eta is not None else None))
+    if o.numel() or final_S.numel():
+        _native.lib().memory_scan_fwd_cpu(_native.DTYPE_CODES[q.dtype], d, _native.num_threads())
+    return outs
+
+
+@memory_scan_op.register_fake
+def _(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
+      retention_first, gate_log, states_every, states_rows, save_ckpt):
+    return _ms_outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, _empty_like)
+
+
+def _memory_scan_fallback(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale,
+                          l2norm, retention_first, gate_log, states_every, save_ckpt):
+    """The reference, shaped like the kernel's outputs (no checkpoints: its backward is autograd)."""
+    name = {c: n for n, c in OBJECTIVE_CODES.items()}[objective]
+    momentum = eta is not None
+    o, final, states = reference._scan(
+        q, k, v, beta, decay=(g.exp() if gate_log else g) if g is not None else None, eta=eta, objective=name,
+        p=p, delta=delta, scale=scale, initial_state=(initial_S, initial_Z) if momentum else initial_S,
+        output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm=l2norm,
+        states_every=states_every or None, retention_first=retention_first)
+    S, Z = final if momentum else (final, None)
+    nothing = lambda: q.new_empty(0, dtype=acc_dtype(q.dtype))  # noqa: E731
+    return (o.contiguous(), S.contiguous(), Z.contiguous() if momentum else nothing(),
+            states.contiguous() if states is not None else nothing(), nothing(), nothing())
+
+
+@torch.library.custom_op("retain::memory_scan_backward", mutates_args=())
+def memory_scan_backward_op(
+    grad_o: Tensor, grad_final_S: Tensor | None, grad_final_Z: Tensor | None, grad_states: Tensor | None,
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, eta: Tensor | None,
+    initial_S: Tensor | None, initial_Z: Tensor | None, cu_seqlens: Tensor | None, ckpt_S: Tensor, ckpt_Z: Tensor,
+    objective: int, p: float, delta: float, scale: float, l2norm: bool, retention_first: bool, gate_log: bool,
+    states_every: int, states_rows: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (q, k, v, beta, g, eta, initial_S, initial_Z) of memory_scan; those of absent
+    inputs are empty. Recomputes states chunk by chunk from the checkpoints (csrc/scan/README.md)."""
+    inputs = (q, k, v, beta, g, eta, initial_S, initial_Z)
+    if kernel_device("memory_scan", q) is None:
+        return _memory_scan_backward_fallback(grad_o, grad_final_S, grad_final_Z, grad_states, inputs, cu_seqlens,
+                                              objective, p, delta, scale, l2norm, retention_first, gate_log,
+                                              states_every)
+    q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z = _contig(
+        q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z)
+    grad_o, grad_final_S, grad_final_Z, grad_states = _contig(grad_o, grad_final_S, grad_final_Z, grad_states)
+    grads = _ms_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, _native.empty_like)
+    d = _ms_params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
+                   retention_first, gate_log, states_every, states_rows)
+    d.update(ckpt_S=ckpt_S.data_ptr(), ckpt_Z=_ptr(ckpt_Z if eta is not None else None))
+    names = ("grad_q", "grad_k", "grad_v", "grad_beta", "grad_g", "grad_eta", "grad_initial_S", "grad_initial_Z")
+    gd = {name: _ptr(t if t.numel() else None) for name, t in zip(names, grads)}
+    gd.update(grad_o=grad_o.data_ptr(), grad_final_S=_ptr(grad_final_S), grad_final_Z=_ptr(grad_final_Z),
+              grad_states=_ptr(grad_states))
+    dS0, dZ0 = grads[6], grads[7]
+    if grad_o.numel() or dS0.numel():
+        _native.lib().memory_scan_bwd_cpu(_native.DTYPE_CODES[q.dtype], d, gd, _native.num_threads())
+    return grads
+
+
+def _ms_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, empty):
+    nothing = lambda: q.new_empty(0)  # noqa: E731
+    acc_nothing = lambda: q.new_empty(0, dtype=acc_dtype(q.dtype))  # noqa: E731
+    momentum = eta is not None
+    return (empty(q), empty(k), empty(v), empty(beta), empty(g) if g is not None else nothing(),
+            empty(eta) if momentum else nothing(),
+            empty(initial_S) if initial_S is not None else acc_nothing(),
+            empty(initial_Z) if (momentum and initial_Z is not None) else acc_nothing())
+
+
+@memory_scan_backward_op.register_fake
+def _(grad_o, grad_final_S, grad_final_Z, grad_states, q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens,
+      ckpt_S, ckpt_Z, objective, p, delta, scale, l2norm, retention_first, gate_log, states_every, states_rows):
+    return _ms_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, _empty_like)
+
+
+def _memory_scan_backward_fallback(grad_o, grad_final_S, grad_final_Z, grad_states, inputs, cu_seqlens, objective,
+                                   p, delta, scale, l2norm, retention_first, gate_log, states_every):
+    """Autograd through the reference (the RETAIN_FALLBACK=reference path)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+        o, S, Z, states, _, _ = _memory_scan_fallback(*leaves, cu_seqlens, objective, p, delta, scale, l2norm,
+                                                      retention_first, gate_log, states_every, False)
+        outs = [(o, grad_o), (S, grad_final_S), (Z, grad_final_Z), (states, grad_states)]
+        outs = [(out, gr) for out, gr in outs if gr is not None and out.numel()]
+        wanted = [t for t in leaves if t is not None]
+        got = torch.autograd.grad([o for o, _ in outs], wanted, [gr for _, gr in outs], allow_unused=True)
+    got = iter(got)
+    result = []
+    for t in leaves:
+        gr = next(got) if t is not None else None
+        result.append(torch.zeros_like(t) if t is not None and gr is None else gr)
+    q = inputs[0]
+    fill = [lambda: q.new_empty(0)] * 6 + [lambda: q.new_empty(0, dtype=acc_dtype(q.dtype))] * 2
+    return tuple(r.contiguous() if r is not None else f() for r, f in zip(result, fill))
+
+
+_MS_SCALARS = ("objective", "p", "delta", "scale", "l2norm", "retention_first", "gate_log", "states_every",
+               "states_rows")
+
+
+def _ms_setup_context(ctx, inputs, output):
+    q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens = inputs[:9]
+    ctx.scalars = inputs[9:18]
+    _, _, _, _, ckpt_S, ckpt_Z = output
+    ctx.mark_non_differentiable(ckpt_S, ckpt_Z)
+    ctx.save_for_backward(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z)
+    ctx.has = (g is not None, eta is not None, initial_S is not None, initial_Z is not None)
+
+
+def _ms_backward(ctx, grad_o, grad_final_S, grad_final_Z, grad_states, _gc1, _gc2):
+    q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z = ctx.saved_tensors
+    if ckpt_S.numel() == 0 and kernel_device("memory_scan", q) is not None and q.shape[1] > 0:
+        raise RuntimeError("retain::memory_scan: backward without saved checkpoints (the forward ran with "
+                           "save_ckpt=False); call retain.ops.memory_scan, which sets it when grad is needed")
+    objective, p, delta, scale, l2norm, retention_first, gate_log, states_every, states_rows = ctx.scalars
+    if grad_o is None:
+        grad_o = torch.zeros_like(q[..., :1].expand(*q.shape[:3], v.shape[-1]))
+    if grad_states is not None and states_every == 0:
+        grad_states = None
+    if grad_final_Z is not None and eta is None:
+        grad_final_Z = None
+    grads = memory_scan_backward_op(
+        grad_o, grad_final_S, grad_final_Z, grad_states, q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens,
+        ckpt_S, ckpt_Z, objective, p, delta, scale, l2norm, retention_first, gate_log, states_every, states_rows)
+    dq, dk, dv, dbeta, dg, deta, dS0, dZ0 = grads
+    has_g, has_eta, has_S0, has_Z0 = ctx.has
+    return (dq, dk, dv, dbeta, dg if has_g else None, deta if has_eta else None, dS0 if has_S0 else None,
+            dZ0 if has_Z0 else None) + (None,) * 11
+
+
+memory_scan_op.register_autograd(_ms_backward, setup_context=_ms_setup_context)

@@ -1,0 +1,98 @@
+// Shared per-step math and parameters of memory_scan: one online-gradient step of a K x V
+// memory per token (DESIGN.md "scan"; derivations in csrc/scan/README.md).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/host_device.h"
+
+namespace retain::scan {
+
+// Codes shared with python/retain/ops/scan/_memory_ops.py.
+enum class Objective : int { Dot = 0, L2 = 1, Lp = 2, Huber = 3 };
+enum class GateKind : int { None = 0, PerHead = 1, PerKey = 2 };
+
+// The attentional-bias gradient psi(e) of each objective and its derivative d psi / d e.
+// 'dot' has no error term (psi = -v): callers handle it before reaching these.
+template <typename A>
+struct ObjectiveMath {
+  int objective;
+  A p, delta, eps;
+
+  RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A psi(A e) const {
+    switch (static_cast<Objective>(objective)) {
+      case Objective::Lp: {
+        // smooth p * sign(e) |e|^(p-1) = p * e * (e^2 + eps)^((p-2)/2)
+        return p * e * pow_(e * e + eps, (p - A(2)) / A(2));
+      }
+      case Objective::Huber: return e > delta ? delta : (e < -delta ? -delta : e);
+      default: return e;
+    }
+  }
+
+  RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A dpsi(A e) const {
+    switch (static_cast<Objective>(objective)) {
+      case Objective::Lp: {
+        // d/de [p e (e^2+eps)^m] = p (e^2+eps)^(m-1) ((2m+1) e^2 + eps), m = (p-2)/2
+        const A s = e * e + eps;
+        const A m = (p - A(2)) / A(2);
+        return p * pow_(s, m - A(1)) * ((A(2) * m + A(1)) * e * e + eps);
+      }
+      case Objective::Huber: return (e > delta || e < -delta) ? A(0) : A(1);
+      default: return A(1);
+    }
+  }
+
+  RETAIN_HOST_DEVICE static RETAIN_FORCE_INLINE A pow_(A x, A y) { return std::pow(x, y); }
+};
+
+template <typename Scalar>
+struct MemoryScanParams {
+  using A = Acc<Scalar>;
+  // inputs, contiguous: q, k [B,T,H,K]; v [B,T,H,V]; beta, eta [B,T,H]; g [B,T,H] or [B,T,H,K]
+  const Scalar* q = nullptr;
+  const Scalar* k = nullptr;
+  const Scalar* v = nullptr;
+  const Scalar* beta = nullptr;
+  const Scalar* g = nullptr;
+  const Scalar* eta = nullptr;  // null: no momentum
+  const A* initial_S = nullptr;  // [N,H,K,V] or null (zeros)
+  const A* initial_Z = nullptr;  // [N,H,K,V] or null (zeros), momentum only
+  const int64_t* cu_seqlens = nullptr;  // [N+1] or null (then N == B)
+  // outputs
+  Scalar* o = nullptr;          // [B,T,H,V]
+  A* final_S = nullptr;    // [N,H,K,V] or null
+  A* final_Z = nullptr;    // [N,H,K,V] or null
+  A* states = nullptr;     // [B, T/L, H, K, V] or null (S after every L-th step of a sequence)
+  A* ckpt_S = nullptr;     // [B, H, NC, K, V]: S before step c*C, for the backward
+  A* ckpt_Z = nullptr;
+  int64_t B = 0, T = 0, H = 0, K = 0, V = 0, N = 0;
+  int64_t states_every = 0, states_rows = 0, ckpt_every = 0;  // states [B, states_rows, H, K, V]
+  A scale = A(1), p = A(3), delta = A(1), eps = A(1e-6);
+  int objective = 1, gate_kind = 0;
+  bool l2norm = false, retention_first = false;
+  bool gate_log = true;  // g is log a_t (a_t = exp(g)); false: g is a_t itself (Titans' 1 - alpha)
+
+  int64_t num_ckpt() const { return ckpt_every > 0 ? (T + ckpt_every - 1) / ckpt_every : 0; }
+};
+
+template <typename Scalar>
+struct MemoryScanGrads {
+  using A = Acc<Scalar>;
+  const Scalar* grad_o = nullptr;          // [B,T,H,V]
+  const A* grad_final_S = nullptr;    // [N,H,K,V] or null
+  const A* grad_final_Z = nullptr;
+  const A* grad_states = nullptr;     // like states, or null
+  Scalar* grad_q = nullptr;
+  Scalar* grad_k = nullptr;
+  Scalar* grad_v = nullptr;
+  Scalar* grad_beta = nullptr;
+  Scalar* grad_g = nullptr;   // null when g is absent or its gradient is not wanted
+  Scalar* grad_eta = nullptr;
+  A* grad_initial_S = nullptr;
+  A* grad_initial_Z = nullptr;
+};
+
+}  // namespace retain::scan

@@ -1,0 +1,352 @@
+// CPU kernels of memory_scan: sequential over T per (sequence, head) with the K x V state in a
+// thread-local buffer (L1/L2), inner loops over V vectorised, OpenMP over sequences x heads.
+// The backward recomputes the states of one chunk of C steps at a time from checkpoints the
+// forward saved every C steps, then walks the chunk in reverse (csrc/scan/README.md).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/parallel.h"
+#include "scan/memory_scan.h"
+#include "scan/scan.h"
+
+namespace retain::scan {
+namespace {
+
+template <typename A>
+RETAIN_FORCE_INLINE void copy_state(A* __restrict dst, const A* __restrict src, int64_t n) {
+  std::copy(src, src + n, dst);
+}
+
+// One (sequence, head) pair's view of the inputs and the per-step vectors they load into.
+template <typename T>
+struct Unit {
+  using A = Acc<T>;
+  const MemoryScanParams<T>& P;
+  int64_t seq, b, h, t0, t1;  // sequence, batch row, head, first and one-past-last step
+  ObjectiveMath<A> obj;
+  // per-step vectors
+  std::vector<A> kk, qq, vv, av, knorm_in, qnorm_in;
+  A beta = 0, eta = 0, k_rstd = 1, q_rstd = 1;
+
+  Unit(const MemoryScanParams<T>& p, int64_t n)
+      : P(p), kk(p.K), qq(p.K), vv(p.V), av(p.K), knorm_in(p.K), qnorm_in(p.K) {
+    h = n % p.H;
+    seq = n / p.H;
+    b = p.cu_seqlens ? 0 : seq;
+    t0 = p.cu_seqlens ? p.cu_seqlens[seq] : 0;
+    t1 = p.cu_seqlens ? p.cu_seqlens[seq + 1] : p.T;
+    obj = ObjectiveMath<A>{p.objective, p.p, p.delta, p.eps};
+  }
+
+  int64_t row(int64_t t) const { return (b * P.T + t) * P.H + h; }  // index into [B,T,H]
+
+  // Loads step t: normalised and scaled q, normalised k, v, beta, eta and the retention a.
+  void load(int64_t t) {
+    const int64_t r = row(t), K = P.K, V = P.V;
+    const T* qp = P.q + r * K;
+    const T* kp = P.k + r * K;
+    const T* vp = P.v + r * V;
+    A qs = 0, ks = 0;
+    for (int64_t i = 0; i < K; ++i) {
+      qnorm_in[i] = load_as<A>(qp[i]);
+      knorm_in[i] = load_as<A>(kp[i]);
+      qs += qnorm_in[i] * qnorm_in[i];
+      ks += knorm_in[i] * knorm_in[i];
+    }
+    q_rstd = P.l2norm ? A(1) / std::sqrt(qs + A(1e-6)) : A(1);
+    k_rstd = P.l2norm ? A(1) / std::sqrt(ks + A(1e-6)) : A(1);
+    for (int64_t i = 0; i < K; ++i) {
+      qq[i] = qnorm_in[i] * q_rstd * P.scale;
+      kk[i] = knorm_in[i] * k_rstd;
+    }
+    for (int64_t j = 0; j < V; ++j) vv[j] = load_as<A>(vp[j]);
+    beta = load_as<A>(P.beta[r]);
+    eta = P.eta ? load_as<A>(P.eta[r]) : A(0);
+    switch (static_cast<GateKind>(P.gate_kind)) {
+      case GateKind::None: std::fill(av.begin(), av.end(), A(1)); break;
+      case GateKind::PerHead: std::fill(av.begin(), av.end(), retention(load_as<A>(P.g[r]))); break;
+      case GateKind::PerKey:
+        for (int64_t i = 0; i < K; ++i) av[i] = retention(load_as<A>(P.g[r * K + i]));
+        break;
+    }
+  }
+
+  // a_t from the gate input: exp(g) for log-space gates, the factor itself otherwise.
+  A retention(A g) const { return P.gate_log ? std::exp(g) : g; }
+  // d a / d gate
+  A dretention(A a) const { return P.gate_log ? a : A(1); }
+
+  // e = (r ⊙ S)ᵀ k − v with r = a (retention first) or 1, and psi(e); for 'dot' psi = −v.
+  void error(const A* __restrict S, A* __restrict e, A* __restrict psi) const {
+    const int64_t K = P.K, V = P.V;
+    if (static_cast<Objective>(P.objective) == Objective::Dot) {
+      for (int64_t j = 0; j < V; ++j) e[j] = A(0), psi[j] = -vv[j];
+      return;
+    }
+    for (int64_t j = 0; j < V; ++j) e[j] = -vv[j];
+    for (int64_t i = 0; i < K; ++i) {
+      const A c = kk[i] * (P.retention_first ? av[i] : A(1));
+      const A* __restrict Si = S + i * V;
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) e[j] += Si[j] * c;
+    }
+    for (int64_t j = 0; j < V; ++j) psi[j] = obj.psi(e[j]);
+  }
+
+  // S ← a ⊙ S + Z with Z ← η Z − β k ψᵀ (no momentum: Z = −β k ψᵀ); o = Sᵀ q̃ when o != null.
+  void update(A* __restrict S, A* __restrict Z, const A* __restrict psi, A* __restrict o) const {
+    const int64_t K = P.K, V = P.V;
+    if (o) std::fill(o, o + V, A(0));
+    for (int64_t i = 0; i < K; ++i) {
+      const A c = -beta * kk[i];
+      const A ai = av[i];
+      const A qi = qq[i];
+      A* __restrict Si = S + i * V;
+      if (Z) {
+        A* __restrict Zi = Z + i * V;
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) {
+          Zi[j] = eta * Zi[j] + c * psi[j];
+          Si[j] = ai * Si[j] + Zi[j];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) Si[j] = ai * Si[j] + c * psi[j];
+      }
+      if (o) {
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) o[j] += Si[j] * qi;
+      }
+    }
+  }
+
+  // This unit's [N,H,K,V] state and its checkpoint c in [B,H,NC,K,V].
+  int64_t state_offset() const { return (seq * P.H + h) * P.K * P.V; }
+  // Segment j of this sequence in states [B, NS, H, K, V]; with cu_seqlens the sequences'
+  // segments follow each other in row 0.
+  int64_t states_offset(int64_t j) const {
+    int64_t first = 0;
+    if (P.cu_seqlens) {
+      for (int64_t m = 0; m < seq; ++m) first += (P.cu_seqlens[m + 1] - P.cu_seqlens[m]) / P.states_every;
+    }
+    return ((b * P.states_rows + first + j) * P.H + h) * P.K * P.V;
+  }
+  int64_t ckpt_offset(int64_t c) const { return ((b * P.H + h) * P.num_ckpt() + c) * P.K * P.V; }
+};
+
+}  // namespace
+
+template <typename T>
+void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads) {
+  using A = Acc<T>;
+  const int64_t K = P.K, V = P.V, KV = K * V, C = P.ckpt_every, L = P.states_every;
+  const bool momentum = P.eta != nullptr;
+  parallel_for(P.N * P.H, P.T / std::max<int64_t>(P.N, 1) * KV * 6, nthreads, [&](int64_t u0, int64_t u1) {
+    std::vector<A> S(KV), Z(momentum ? KV : 0), e(V), psi(V), o(V);
+    for (int64_t n = u0; n < u1; ++n) {
+      Unit<T> u(P, n);
+      const int64_t so = u.state_offset();
+      if (P.initial_S) copy_state(S.data(), P.initial_S + so, KV); else std::fill(S.begin(), S.end(), A(0));
+      if (momentum) {
+        if (P.initial_Z) copy_state(Z.data(), P.initial_Z + so, KV); else std::fill(Z.begin(), Z.end(), A(0));
+      }
+      for (int64_t t = u.t0; t < u.t1; ++t) {
+        if (C > 0 && t % C == 0 && t > u.t0) {
+          copy_state(P.ckpt_S + u.ckpt_offset(t / C), S.data(), KV);
+          if (momentum) copy_state(P.ckpt_Z + u.ckpt_offset(t / C), Z.data(), KV);
+        }
+        u.load(t);
+        u.error(S.data(), e.data(), psi.data());
+        u.update(S.data(), momentum ? Z.data() : nullptr, psi.data(), o.data());
+        T* op = P.o + u.row(t) * V;
+        for (int64_t j = 0; j < V; ++j) store_as(op[j], o[j]);
+        if (L > 0 && (t - u.t0 + 1) % L == 0) {
+          const int64_t s_idx = (t - u.t0 + 1) / L - 1;
+          copy_state(P.states + u.states_offset(s_idx), S.data(), KV);
+        }
+      }
+      if (P.final_S) copy_state(P.final_S + so, S.data(), KV);
+      if (P.final_Z && momentum) copy_state(P.final_Z + so, Z.data(), KV);
+    }
+  });
+}
+
+template <typename T>
+void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int nthreads) {
+  using A = Acc<T>;
+  const int64_t K = P.K, V = P.V, KV = K * V, C = P.ckpt_every, L = P.states_every;
+  const bool momentum = P.eta != nullptr;
+  const bool dot = static_cast<Objective>(P.objective) == Objective::Dot;
+  parallel_for(P.N * P.H, P.T / std::max<int64_t>(P.N, 1) * KV * 14, nthreads, [&](int64_t u0, int64_t u1) {
+    // states after each step of one chunk (buf[0] = state before the chunk), and per-step e, psi
+    std::vector<A> Sbuf((C + 1) * KV), Zbuf(momentum ? (C + 1) * KV : 0), ebuf(C * V), psibuf(C * V);
+    std::vector<A> dS(KV), dZ(momentum ? KV : 0), dZt(momentum ? KV : 0);
+    std::vector<A> w(V), de(V), dkk(K), dqq(K), da(K), go(V);
+    for (int64_t n = u0; n < u1; ++n) {
+      Unit<T> u(P, n);
+      const int64_t so = u.state_offset();
+      if (G.grad_final_S) copy_state(dS.data(), G.grad_final_S + so, KV); else std::fill(dS.begin(), dS.end(), A(0));
+      if (momentum) {
+        if (G.grad_final_Z) copy_state(dZ.data(), G.grad_final_Z + so, KV); else std::fill(dZ.begin(), dZ.end(), A(0));
+      }
+      int64_t ce = u.t1;
+      while (ce > u.t0) {
+        const int64_t cs = std::max(u.t0, ((ce - 1) / C) * C);
+        const int64_t len = ce - cs;
+        // recompute the chunk's states from its checkpoint (or the initial state)
+        A* S0 = Sbuf.data();
+        if (cs == u.t0) {
+          if (P.initial_S) copy_state(S0, P.initial_S + so, KV); else std::fill(S0, S0 + KV, A(0));
+          if (momentum) {
+            if (P.initial_Z) copy_state(Zbuf.data(), P.initial_Z + so, KV);
+            else std::fill(Zbuf.data(), Zbuf.data() + KV, A(0));
+          }
+        } else {
+          copy_state(S0, P.ckpt_S + u.ckpt_offset(cs / C), KV);
+          if (momentum) copy_state(Zbuf.data(), P.ckpt_Z + u.ckpt_offset(cs / C), KV);
+        }
+        for (int64_t i = 0; i < len; ++i) {
+          A* Snext = Sbuf.data() + (i + 1) * KV;
+          copy_state(Snext, Sbuf.data() + i * KV, KV);
+          A* Znext = nullptr;
+          if (momentum) {
+            Znext = Zbuf.data() + (i + 1) * KV;
+            copy_state(Znext, Zbuf.data() + i * KV, KV);
+          }
+          u.load(cs + i);
+          u.error(Sbuf.data() + i * KV, ebuf.data() + i * V, psibuf.data() + i * V);
+          u.update(Snext, Znext, psibuf.data() + i * V, nullptr);
+        }
+        // walk the chunk backwards
+        for (int64_t i = len - 1; i >= 0; --i) {
+          const int64_t t = cs + i;
+          const int64_t r = u.row(t);
+          u.load(t);
+          const A* Sprev = Sbuf.data() + i * KV;
+          const A* Scur = Sbuf.data() + (i + 1) * KV;
+          const A* Zprev = momentum ? Zbuf.data() + i * KV : nullptr;
+          const A* e = ebuf.data() + i * V;
+          const A* psi = psibuf.data() + i * V;
+          if (L > 0 && G.grad_states && (t - u.t0 + 1) % L == 0) {
+            const int64_t s_idx = (t - u.t0 + 1) / L - 1;
+            const A* gs = G.grad_states + u.states_offset(s_idx);
+            for (int64_t x = 0; x < KV; ++x) dS[x] += gs[x];
+          }
+          for (int64_t j = 0; j < V; ++j) go[j] = load_as<A>(G.grad_o[r * V + j]), w[j] = A(0);
+          // pass A: o_t = S_tᵀ q̃ feeds dS and dq̃; dZ_t = dS_t (+ the momentum carry)
+          A deta = 0;
+          for (int64_t i2 = 0; i2 < K; ++i2) {
+            A* __restrict dSi = dS.data() + i2 * V;
+            const A* __restrict Si = Scur + i2 * V;
+            const A qi = u.qq[i2];
+            A dq = 0;
+#pragma omp simd reduction(+ : dq)
+            for (int64_t j = 0; j < V; ++j) {
+              dSi[j] += qi * go[j];
+              dq += Si[j] * go[j];
+            }
+            dqq[i2] = dq;
+            const A* __restrict dZi = dSi;
+            if (momentum) {
+              A* __restrict dZti = dZt.data() + i2 * V;
+              A* __restrict dZci = dZ.data() + i2 * V;
+              const A* __restrict Zpi = Zprev + i2 * V;
+              A de_acc = 0;
+#pragma omp simd reduction(+ : de_acc)
+              for (int64_t j = 0; j < V; ++j) {
+                dZti[j] = dSi[j] + dZci[j];
+                de_acc += dZti[j] * Zpi[j];
+                dZci[j] = u.eta * dZti[j];
+              }
+              deta += de_acc;
+              dZi = dZti;
+            }
+            const A ki = u.kk[i2];
+            A dk = 0;
+#pragma omp simd reduction(+ : dk)
+            for (int64_t j = 0; j < V; ++j) {
+              w[j] += dZi[j] * ki;
+              dk += dZi[j] * psi[j];
+            }
+            dkk[i2] = -u.beta * dk;
+          }
+          // psi's gradient, beta's, and through psi(e) to e and v
+          A dbeta = 0;
+          T* gv = G.grad_v + r * V;
+          for (int64_t j = 0; j < V; ++j) {
+            const A dpsi = -u.beta * w[j];
+            dbeta -= psi[j] * w[j];
+            if (dot) {
+              de[j] = A(0);
+              store_as(gv[j], -dpsi);
+            } else {
+              de[j] = u.obj.dpsi(e[j]) * dpsi;
+              store_as(gv[j], -de[j]);
+            }
+          }
+          // pass B: e = (r ⊙ S_{t-1})ᵀ k − v and S_t = a ⊙ S_{t-1} + Z_t, back to S_{t-1}, k and a
+          for (int64_t i2 = 0; i2 < K; ++i2) {
+            A* __restrict dSi = dS.data() + i2 * V;
+            const A* __restrict Spi = Sprev + i2 * V;
+            const A ai = u.av[i2];
+            const A rk = P.retention_first ? ai : A(1);
+            const A c = rk * u.kk[i2];
+            A sd = 0, dai = 0;
+#pragma omp simd reduction(+ : sd, dai)
+            for (int64_t j = 0; j < V; ++j) {
+              sd += Spi[j] * de[j];
+              dai += dSi[j] * Spi[j];
+              dSi[j] = ai * dSi[j] + c * de[j];
+            }
+            dkk[i2] += rk * sd;
+            da[i2] = dai + (P.retention_first ? u.kk[i2] * sd : A(0));
+          }
+          // to the raw inputs: gates in log space, l2-normalised q and k
+          if (G.grad_g) {
+            if (static_cast<GateKind>(P.gate_kind) == GateKind::PerHead) {
+              A s = 0;
+              for (int64_t i2 = 0; i2 < K; ++i2) s += da[i2];
+              store_as(G.grad_g[r], s * u.dretention(u.av[0]));
+            } else {
+              for (int64_t i2 = 0; i2 < K; ++i2) store_as(G.grad_g[r * K + i2], da[i2] * u.dretention(u.av[i2]));
+            }
+          }
+          store_as(G.grad_beta[r], dbeta);
+          if (G.grad_eta) store_as(G.grad_eta[r], momentum ? deta : A(0));
+          // q̃ = scale · q · rstd(q): dq = scale · rstd · (dq̃' − q̂ (q̂·dq̃')) with q̂ = q · rstd
+          A qdot = 0, kdot = 0;
+          for (int64_t i2 = 0; i2 < K; ++i2) {
+            qdot += u.qnorm_in[i2] * u.q_rstd * dqq[i2];
+            kdot += u.knorm_in[i2] * u.k_rstd * dkk[i2];
+          }
+          T* gq = G.grad_q + r * K;
+          T* gk = G.grad_k + r * K;
+          for (int64_t i2 = 0; i2 < K; ++i2) {
+            A dq = dqq[i2], dk = dkk[i2];
+            if (P.l2norm) {
+              dq = u.q_rstd * (dq - u.qnorm_in[i2] * u.q_rstd * qdot);
+              dk = u.k_rstd * (dk - u.knorm_in[i2] * u.k_rstd * kdot);
+            }
+            store_as(gq[i2], dq * P.scale);
+            store_as(gk[i2], dk);
+          }
+        }
+        ce = cs;
+      }
+      if (G.grad_initial_S) copy_state(G.grad_initial_S + so, dS.data(), KV);
+      if (G.grad_initial_Z && momentum) copy_state(G.grad_initial_Z + so, dZ.data(), KV);
+    }
+  });
+}
+
+#define RETAIN_INSTANTIATE(T)                                                              \
+  template void memory_scan_fwd_cpu<T>(const MemoryScanParams<T>&, int);                   \
+  template void memory_scan_bwd_cpu<T>(const MemoryScanParams<T>&, const MemoryScanGrads<T>&, int);
+RETAIN_INSTANTIATE(float)
+RETAIN_INSTANTIATE(double)
+RETAIN_INSTANTIATE(bf16_t)
+RETAIN_INSTANTIATE(f16_t)
+#undef RETAIN_INSTANTIATE
+
+}  // namespace retain::scan
