@@ -77,10 +77,16 @@ retain::scan::MemoryScanParams<T> memory_scan_params(const py::dict& d) {
   auto ptr = [&](const char* key) -> uintptr_t { return d.contains(key) ? d[key].cast<uintptr_t>() : 0; };
   auto size = [&](const char* key) { return d[key].cast<int64_t>(); };
   retain::scan::MemoryScanParams<T> P;
-  P.q = retain::as_ptr<T>(ptr("q"), op, "q");
-  P.k = retain::as_ptr<T>(ptr("k"), op, "k");
-  P.v = retain::as_ptr<T>(ptr("v"), op, "v");
-  P.beta = retain::as_ptr<T>(ptr("beta"), op, "beta");
+  P.B = size("B"); P.T = size("T"); P.H = size("H"); P.K = size("K"); P.V = size("V"); P.N = size("N");
+  P.states_every = size("states_every");
+  P.states_rows = size("states_rows");
+  P.ckpt_every = size("ckpt_every");
+  retain::check_sizes({P.B, P.T, P.H, P.K, P.V, P.N, P.states_every, P.states_rows, P.ckpt_every}, op);
+  const bool empty = P.B * P.T * P.H == 0;  // per-token tensors may then have no storage
+  P.q = retain::as_ptr<T>(ptr("q"), op, "q", empty);
+  P.k = retain::as_ptr<T>(ptr("k"), op, "k", empty);
+  P.v = retain::as_ptr<T>(ptr("v"), op, "v", empty);
+  P.beta = retain::as_ptr<T>(ptr("beta"), op, "beta", empty);
   P.g = retain::as_ptr<T>(ptr("g"), op, "g", true);
   P.eta = retain::as_ptr<T>(ptr("eta"), op, "eta", true);
   P.initial_S = retain::as_ptr<A>(ptr("initial_S"), op, "initial_S", true);
@@ -92,11 +98,6 @@ retain::scan::MemoryScanParams<T> memory_scan_params(const py::dict& d) {
   P.states = retain::as_mut_ptr<A>(ptr("states"), op, "states", true);
   P.ckpt_S = retain::as_mut_ptr<A>(ptr("ckpt_S"), op, "ckpt_S", true);
   P.ckpt_Z = retain::as_mut_ptr<A>(ptr("ckpt_Z"), op, "ckpt_Z", true);
-  P.B = size("B"); P.T = size("T"); P.H = size("H"); P.K = size("K"); P.V = size("V"); P.N = size("N");
-  P.states_every = size("states_every");
-  P.states_rows = size("states_rows");
-  P.ckpt_every = size("ckpt_every");
-  retain::check_sizes({P.B, P.T, P.H, P.K, P.V, P.N, P.states_every, P.states_rows, P.ckpt_every}, op);
   P.scale = static_cast<A>(d["scale"].cast<double>());
   P.p = static_cast<A>(d["p"].cast<double>());
   P.delta = static_cast<A>(d["delta"].cast<double>());
@@ -106,6 +107,8 @@ retain::scan::MemoryScanParams<T> memory_scan_params(const py::dict& d) {
   P.l2norm = d["l2norm"].cast<bool>();
   P.retention_first = d["retention_first"].cast<bool>();
   P.gate_log = d["gate_log"].cast<bool>();
+  P.momentum = d["momentum"].cast<bool>();
+  retain::check(!P.momentum || P.eta || empty, op, "momentum needs eta");
   retain::check(P.objective >= 0 && P.objective <= 3, op, "objective code out of range");
   retain::check(P.gate_kind >= 0 && P.gate_kind <= 2, op, "gate kind code out of range");
   return P;
@@ -117,14 +120,15 @@ retain::scan::MemoryScanGrads<T> memory_scan_grads(const py::dict& d) {
   const char* op = kMemoryScan;
   auto ptr = [&](const char* key) -> uintptr_t { return d.contains(key) ? d[key].cast<uintptr_t>() : 0; };
   retain::scan::MemoryScanGrads<T> G;
-  G.grad_o = retain::as_ptr<T>(ptr("grad_o"), op, "grad_o");
+  const bool empty = d["empty"].cast<bool>();  // no tokens: per-token tensors may have no storage
+  G.grad_o = retain::as_ptr<T>(ptr("grad_o"), op, "grad_o", empty);
   G.grad_final_S = retain::as_ptr<A>(ptr("grad_final_S"), op, "grad_final_S", true);
   G.grad_final_Z = retain::as_ptr<A>(ptr("grad_final_Z"), op, "grad_final_Z", true);
   G.grad_states = retain::as_ptr<A>(ptr("grad_states"), op, "grad_states", true);
-  G.grad_q = retain::as_mut_ptr<T>(ptr("grad_q"), op, "grad_q");
-  G.grad_k = retain::as_mut_ptr<T>(ptr("grad_k"), op, "grad_k");
-  G.grad_v = retain::as_mut_ptr<T>(ptr("grad_v"), op, "grad_v");
-  G.grad_beta = retain::as_mut_ptr<T>(ptr("grad_beta"), op, "grad_beta");
+  G.grad_q = retain::as_mut_ptr<T>(ptr("grad_q"), op, "grad_q", empty);
+  G.grad_k = retain::as_mut_ptr<T>(ptr("grad_k"), op, "grad_k", empty);
+  G.grad_v = retain::as_mut_ptr<T>(ptr("grad_v"), op, "grad_v", empty);
+  G.grad_beta = retain::as_mut_ptr<T>(ptr("grad_beta"), op, "grad_beta", empty);
   G.grad_g = retain::as_mut_ptr<T>(ptr("grad_g"), op, "grad_g", true);
   G.grad_eta = retain::as_mut_ptr<T>(ptr("grad_eta"), op, "grad_eta", true);
   G.grad_initial_S = retain::as_mut_ptr<A>(ptr("grad_initial_S"), op, "grad_initial_S", true);

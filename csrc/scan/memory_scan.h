@@ -57,7 +57,7 @@ struct MemoryScanParams {
   const Scalar* v = nullptr;
   const Scalar* beta = nullptr;
   const Scalar* g = nullptr;
-  const Scalar* eta = nullptr;  // null: no momentum
+  const Scalar* eta = nullptr;
   const A* initial_S = nullptr;  // [N,H,K,V] or null (zeros)
   const A* initial_Z = nullptr;  // [N,H,K,V] or null (zeros), momentum only
   const int64_t* cu_seqlens = nullptr;  // [N+1] or null (then N == B)
@@ -73,6 +73,7 @@ struct MemoryScanParams {
   A scale = A(1), p = A(3), delta = A(1), eps = A(1e-6);
   int objective = 1, gate_kind = 0;
   bool l2norm = false, retention_first = false;
+  bool momentum = false;  // eta given (its pointer is null when there are no tokens)
   bool gate_log = true;  // g is log a_t (a_t = exp(g)); false: g is a_t itself (Titans' 1 - alpha)
 
   int64_t num_ckpt() const { return ckpt_every > 0 ? (T + ckpt_every - 1) / ckpt_every : 0; }

@@ -4,6 +4,7 @@
 // forward saved every C steps, then walks the chunk in reverse (csrc/scan/README.md).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/parallel.h"
@@ -18,6 +19,19 @@ RETAIN_FORCE_INLINE void copy_state(A* __restrict dst, const A* __restrict src, 
   std::copy(src, src + n, dst);
 }
 
+// Columns of the K x V state are processed in blocks of 256 bytes whose accumulators stay in
+// vector registers across the K rows (a loop that kept them in memory would be bound by
+// store-to-load latency). Full blocks have a compile-time width, so the inner loops unroll.
+template <typename A>
+constexpr int64_t kBlock = 256 / sizeof(A);
+
+template <typename A, typename F>
+RETAIN_FORCE_INLINE void column_blocks(int64_t V, F&& f) {
+  int64_t j0 = 0;
+  for (; j0 + kBlock<A> <= V; j0 += kBlock<A>) f(j0, std::integral_constant<int64_t, kBlock<A>>{});
+  if (j0 < V) f(j0, V - j0);
+}
+
 // One (sequence, head) pair's view of the inputs and the per-step vectors they load into.
 template <typename T>
 struct Unit {
@@ -26,11 +40,11 @@ struct Unit {
   int64_t seq, b, h, t0, t1;  // sequence, batch row, head, first and one-past-last step
   ObjectiveMath<A> obj;
   // per-step vectors
-  std::vector<A> kk, qq, vv, av, knorm_in, qnorm_in;
+  std::vector<A> kk, qq, vv, av, kr, knorm_in, qnorm_in;  // kr: k scaled as the error reads it
   A beta = 0, eta = 0, k_rstd = 1, q_rstd = 1;
 
   Unit(const MemoryScanParams<T>& p, int64_t n)
-      : P(p), kk(p.K), qq(p.K), vv(p.V), av(p.K), knorm_in(p.K), qnorm_in(p.K) {
+      : P(p), kk(p.K), qq(p.K), vv(p.V), av(p.K), kr(p.K), knorm_in(p.K), qnorm_in(p.K) {
     h = n % p.H;
     seq = n / p.H;
     b = p.cu_seqlens ? 0 : seq;
@@ -42,7 +56,7 @@ struct Unit {
   int64_t row(int64_t t) const { return (b * P.T + t) * P.H + h; }  // index into [B,T,H]
 
   // Loads step t: normalised and scaled q, normalised k, v, beta, eta and the retention a.
-  void load(int64_t t) {
+  RETAIN_FORCE_INLINE void load(int64_t t) {
     const int64_t r = row(t), K = P.K, V = P.V;
     const T* qp = P.q + r * K;
     const T* kp = P.k + r * K;
@@ -62,7 +76,7 @@ struct Unit {
     }
     for (int64_t j = 0; j < V; ++j) vv[j] = load_as<A>(vp[j]);
     beta = load_as<A>(P.beta[r]);
-    eta = P.eta ? load_as<A>(P.eta[r]) : A(0);
+    eta = P.momentum ? load_as<A>(P.eta[r]) : A(0);
     switch (static_cast<GateKind>(P.gate_kind)) {
       case GateKind::None: std::fill(av.begin(), av.end(), A(1)); break;
       case GateKind::PerHead: std::fill(av.begin(), av.end(), retention(load_as<A>(P.g[r]))); break;
@@ -70,6 +84,7 @@ struct Unit {
         for (int64_t i = 0; i < K; ++i) av[i] = retention(load_as<A>(P.g[r * K + i]));
         break;
     }
+    for (int64_t i = 0; i < K; ++i) kr[i] = P.retention_first ? kk[i] * av[i] : kk[i];
   }
 
   // a_t from the gate input: exp(g) for log-space gates, the factor itself otherwise.
@@ -78,47 +93,83 @@ struct Unit {
   A dretention(A a) const { return P.gate_log ? a : A(1); }
 
   // e = (r ⊙ S)ᵀ k − v with r = a (retention first) or 1, and psi(e); for 'dot' psi = −v.
-  void error(const A* __restrict S, A* __restrict e, A* __restrict psi) const {
+  RETAIN_FORCE_INLINE void error(const A* __restrict S, A* __restrict e, A* __restrict psi) const {
     const int64_t K = P.K, V = P.V;
     if (static_cast<Objective>(P.objective) == Objective::Dot) {
       for (int64_t j = 0; j < V; ++j) e[j] = A(0), psi[j] = -vv[j];
       return;
     }
-    for (int64_t j = 0; j < V; ++j) e[j] = -vv[j];
-    for (int64_t i = 0; i < K; ++i) {
-      const A c = kk[i] * (P.retention_first ? av[i] : A(1));
-      const A* __restrict Si = S + i * V;
+    const A* __restrict c = kr.data();
+    column_blocks<A>(V, [&](int64_t j0, auto nb) {
+      // two row streams with their own accumulators hide the FMA latency
+      A acc0[kBlock<A>], acc1[kBlock<A>];
+      for (int64_t j = 0; j < nb; ++j) acc0[j] = -vv[j0 + j], acc1[j] = A(0);
+      int64_t i = 0;
+      for (; i + 1 < K; i += 2) {
+        const A* __restrict r0 = S + i * V + j0;
+        const A* __restrict r1 = r0 + V;
+        const A c0 = c[i], c1 = c[i + 1];
 #pragma omp simd
-      for (int64_t j = 0; j < V; ++j) e[j] += Si[j] * c;
-    }
+        for (int64_t j = 0; j < nb; ++j) {
+          acc0[j] += r0[j] * c0;
+          acc1[j] += r1[j] * c1;
+        }
+      }
+      if (i < K) {
+        const A* __restrict r0 = S + i * V + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < nb; ++j) acc0[j] += r0[j] * c[i];
+      }
+      for (int64_t j = 0; j < nb; ++j) e[j0 + j] = acc0[j] + acc1[j];
+    });
     for (int64_t j = 0; j < V; ++j) psi[j] = obj.psi(e[j]);
   }
 
   // S ← a ⊙ S + Z with Z ← η Z − β k ψᵀ (no momentum: Z = −β k ψᵀ); o = Sᵀ q̃ when o != null.
-  void update(A* __restrict S, A* __restrict Z, const A* __restrict psi, A* __restrict o) const {
+  RETAIN_FORCE_INLINE void update(A* __restrict S, A* __restrict Z, const A* __restrict psi, A* __restrict o) const {
+    if (Z) {
+      update_rows<true>(S, Z, psi, o);
+    } else {
+      update_rows<false>(S, Z, psi, o);
+    }
+  }
+
+  template <bool kMomentum>
+  RETAIN_FORCE_INLINE void update_rows(A* __restrict S, A* __restrict Z, const A* __restrict psi,
+                                       A* __restrict o) const {
     const int64_t K = P.K, V = P.V;
-    if (o) std::fill(o, o + V, A(0));
-    for (int64_t i = 0; i < K; ++i) {
-      const A c = -beta * kk[i];
-      const A ai = av[i];
-      const A qi = qq[i];
-      A* __restrict Si = S + i * V;
-      if (Z) {
-        A* __restrict Zi = Z + i * V;
+    const A e_ = eta;
+    column_blocks<A>(V, [&](int64_t j0, auto nb) {
+      A ps[kBlock<A>], acc[kBlock<A>];
+      for (int64_t j = 0; j < nb; ++j) ps[j] = psi[j0 + j], acc[j] = A(0);
+      for (int64_t i = 0; i < K; ++i) {
+        const A c = -beta * kk[i];
+        const A ai = av[i];
+        const A qi = qq[i];
+        A* __restrict Si = S + i * V + j0;
+        if constexpr (kMomentum) {
+          A* __restrict Zi = Z + i * V + j0;
 #pragma omp simd
-        for (int64_t j = 0; j < V; ++j) {
-          Zi[j] = eta * Zi[j] + c * psi[j];
-          Si[j] = ai * Si[j] + Zi[j];
+          for (int64_t j = 0; j < nb; ++j) {
+            const A z = e_ * Zi[j] + c * ps[j];
+            Zi[j] = z;
+            const A sv = ai * Si[j] + z;
+            Si[j] = sv;
+            acc[j] += sv * qi;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < nb; ++j) {
+            const A sv = ai * Si[j] + c * ps[j];
+            Si[j] = sv;
+            acc[j] += sv * qi;
+          }
         }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < V; ++j) Si[j] = ai * Si[j] + c * psi[j];
       }
       if (o) {
-#pragma omp simd
-        for (int64_t j = 0; j < V; ++j) o[j] += Si[j] * qi;
+        for (int64_t j = 0; j < nb; ++j) o[j0 + j] = acc[j];
       }
-    }
+    });
   }
 
   // This unit's [N,H,K,V] state and its checkpoint c in [B,H,NC,K,V].
@@ -135,16 +186,41 @@ struct Unit {
   int64_t ckpt_offset(int64_t c) const { return ((b * P.H + h) * P.num_ckpt() + c) * P.K * P.V; }
 };
 
-}  // namespace
+// Buffers one thread reuses across its units.
+template <typename A>
+struct Workspace {
+  std::vector<A> S, Z, e, psi, o;                  // forward
+  std::vector<A> Sbuf, Zbuf, ebuf, psibuf;         // backward: one chunk of states, e and psi
+  std::vector<A> dS, dZ, dZt, w, de, dkk, dqq, da, go;
+  Workspace(int64_t K, int64_t V, int64_t C, bool momentum, bool backward)
+      : S(K * V), Z(momentum ? K * V : 0), e(V), psi(V), o(V) {
+    if (!backward) return;
+    const int64_t KV = K * V;
+    Sbuf.resize((C + 1) * KV);
+    Zbuf.resize(momentum ? (C + 1) * KV : 0);
+    ebuf.resize(C * V);
+    psibuf.resize(C * V);
+    dS.resize(KV);
+    dZ.resize(momentum ? KV : 0);
+    dZt.resize(momentum ? KV : 0);
+    w.resize(V), de.resize(V), go.resize(V);
+    dkk.resize(K), dqq.resize(K), da.resize(K);
+  }
+};
 
+// The forward of one (sequence, head) unit.
 template <typename T>
-void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads) {
+RETAIN_FORCE_INLINE void fwd_unit(const MemoryScanParams<T>& P, int64_t n, Workspace<Acc<T>>& ws) {
   using A = Acc<T>;
-  const int64_t K = P.K, V = P.V, KV = K * V, C = P.ckpt_every, L = P.states_every;
-  const bool momentum = P.eta != nullptr;
-  parallel_for(P.N * P.H, P.T / std::max<int64_t>(P.N, 1) * KV * 6, nthreads, [&](int64_t u0, int64_t u1) {
-    std::vector<A> S(KV), Z(momentum ? KV : 0), e(V), psi(V), o(V);
-    for (int64_t n = u0; n < u1; ++n) {
+  const int64_t V = P.V, KV = P.K * V, C = P.ckpt_every, L = P.states_every;
+  const bool momentum = P.momentum;
+  std::vector<A>& S = ws.S;
+  std::vector<A>& Z = ws.Z;
+  std::vector<A>& e = ws.e;
+  std::vector<A>& psi = ws.psi;
+  std::vector<A>& o = ws.o;
+  {
+    {
       Unit<T> u(P, n);
       const int64_t so = u.state_offset();
       if (P.initial_S) copy_state(S.data(), P.initial_S + so, KV); else std::fill(S.begin(), S.end(), A(0));
@@ -152,7 +228,7 @@ void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads) {
         if (P.initial_Z) copy_state(Z.data(), P.initial_Z + so, KV); else std::fill(Z.begin(), Z.end(), A(0));
       }
       for (int64_t t = u.t0; t < u.t1; ++t) {
-        if (C > 0 && t % C == 0 && t > u.t0) {
+        if (P.ckpt_S && t % C == 0) {  // every slot c*C < T is written by the sequence holding it
           copy_state(P.ckpt_S + u.ckpt_offset(t / C), S.data(), KV);
           if (momentum) copy_state(P.ckpt_Z + u.ckpt_offset(t / C), Z.data(), KV);
         }
@@ -169,21 +245,33 @@ void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads) {
       if (P.final_S) copy_state(P.final_S + so, S.data(), KV);
       if (P.final_Z && momentum) copy_state(P.final_Z + so, Z.data(), KV);
     }
-  });
+  }
 }
 
+// The backward of one (sequence, head) unit.
 template <typename T>
-void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int nthreads) {
+RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int64_t n,
+                                  Workspace<Acc<T>>& ws) {
   using A = Acc<T>;
   const int64_t K = P.K, V = P.V, KV = K * V, C = P.ckpt_every, L = P.states_every;
-  const bool momentum = P.eta != nullptr;
+  const bool momentum = P.momentum;
   const bool dot = static_cast<Objective>(P.objective) == Objective::Dot;
-  parallel_for(P.N * P.H, P.T / std::max<int64_t>(P.N, 1) * KV * 14, nthreads, [&](int64_t u0, int64_t u1) {
-    // states after each step of one chunk (buf[0] = state before the chunk), and per-step e, psi
-    std::vector<A> Sbuf((C + 1) * KV), Zbuf(momentum ? (C + 1) * KV : 0), ebuf(C * V), psibuf(C * V);
-    std::vector<A> dS(KV), dZ(momentum ? KV : 0), dZt(momentum ? KV : 0);
-    std::vector<A> w(V), de(V), dkk(K), dqq(K), da(K), go(V);
-    for (int64_t n = u0; n < u1; ++n) {
+  // states after each step of one chunk (Sbuf[0] = state before the chunk), and per-step e, psi
+  std::vector<A>& Sbuf = ws.Sbuf;
+  std::vector<A>& Zbuf = ws.Zbuf;
+  std::vector<A>& ebuf = ws.ebuf;
+  std::vector<A>& psibuf = ws.psibuf;
+  std::vector<A>& dS = ws.dS;
+  std::vector<A>& dZ = ws.dZ;
+  std::vector<A>& dZt = ws.dZt;
+  std::vector<A>& w = ws.w;
+  std::vector<A>& de = ws.de;
+  std::vector<A>& dkk = ws.dkk;
+  std::vector<A>& dqq = ws.dqq;
+  std::vector<A>& da = ws.da;
+  std::vector<A>& go = ws.go;
+  {
+    {
       Unit<T> u(P, n);
       const int64_t so = u.state_offset();
       if (G.grad_final_S) copy_state(dS.data(), G.grad_final_S + so, KV); else std::fill(dS.begin(), dS.end(), A(0));
@@ -337,8 +425,52 @@ void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>&
       if (G.grad_initial_S) copy_state(G.grad_initial_S + so, dS.data(), KV);
       if (G.grad_initial_Z && momentum) copy_state(G.grad_initial_Z + so, dZ.data(), KV);
     }
+  }
+}
+
+// One clone per instruction set (AVX-512, AVX2+FMA, baseline x86-64), picked at load time: the
+// unit bodies above are force-inlined into each clone and compiled for its ISA. The wheel stays
+// portable; the K x V loops get FMA and wide vectors where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RETAIN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RETAIN_ISA_CLONES
+#endif
+
+#define RETAIN_UNIT_KERNELS(T)                                                                              \
+  RETAIN_ISA_CLONES void fwd_unit_isa(const MemoryScanParams<T>& P, int64_t n, Workspace<Acc<T>>& ws) {     \
+    fwd_unit<T>(P, n, ws);                                                                                  \
+  }                                                                                                         \
+  RETAIN_ISA_CLONES void bwd_unit_isa(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int64_t n, \
+                                      Workspace<Acc<T>>& ws) {                                              \
+    bwd_unit<T>(P, G, n, ws);                                                                               \
+  }
+RETAIN_UNIT_KERNELS(float)
+RETAIN_UNIT_KERNELS(double)
+RETAIN_UNIT_KERNELS(bf16_t)
+RETAIN_UNIT_KERNELS(f16_t)
+#undef RETAIN_UNIT_KERNELS
+
+}  // namespace
+
+template <typename T>
+void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads) {
+  const int64_t per_unit = P.T / std::max<int64_t>(P.N, 1) * P.K * P.V * 6;
+  parallel_for(P.N * P.H, per_unit, nthreads, [&](int64_t u0, int64_t u1) {
+    Workspace<Acc<T>> ws(P.K, P.V, P.ckpt_every, P.momentum, false);
+    for (int64_t n = u0; n < u1; ++n) fwd_unit_isa(P, n, ws);
   });
 }
+
+template <typename T>
+void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int nthreads) {
+  const int64_t per_unit = P.T / std::max<int64_t>(P.N, 1) * P.K * P.V * 14;
+  parallel_for(P.N * P.H, per_unit, nthreads, [&](int64_t u0, int64_t u1) {
+    Workspace<Acc<T>> ws(P.K, P.V, P.ckpt_every, P.momentum, true);
+    for (int64_t n = u0; n < u1; ++n) bwd_unit_isa(P, G, n, ws);
+  });
+}
+
 
 #define RETAIN_INSTANTIATE(T)                                                              \
   template void memory_scan_fwd_cpu<T>(const MemoryScanParams<T>&, int);                   \

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retain.ops._checks import check_floating, check_same, check_shape, check_tensor
+from retain.ops._checks import check_floating, check_same, check_shape, check_tensor, kernel_device
+from retain.ops.scan import reference
 from retain.ops.scan._ops import OBJECTIVE_CODES, acc_dtype, memory_scan_op
 
 MAX_HEAD_DIM = 1024  # K and V beyond this are rejected: a chunk of checkpointed states would not fit cache
@@ -110,6 +111,14 @@ def _memory_scan(op, q, k, v, beta, *, g=None, eta=None, objective="l2", p=3.0, 
             offs = cu_seqlens.tolist()
             rows = sum((b - a) // L for a, b in zip(offs, offs[1:]))
 
+    if kernel_device("memory_scan", q) is None:  # RETAIN_FALLBACK=reference
+        o, final, states = reference._scan(
+            q, k, v, beta, decay=(g.exp() if gate_log else g) if g is not None else None, eta=eta,
+            objective=objective, p=p, delta=delta, scale=scale, initial_state=(S0, Z0) if momentum else S0,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+            states_every=states_every, retention_first=retention_first)
+        return o, final, states
+
     tensors = (q, k, v, beta, g, eta, S0, Z0)
     save_ckpt = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     o, S, Z, states, _, _ = memory_scan_op(
@@ -124,6 +133,7 @@ def memory_scan(
     eta: Tensor | float | None = None, objective: str = "l2", p: float = 3.0, delta: float = 1.0,
     scale: float | None = None, initial_state=None, output_final_state: bool = False,
     cu_seqlens: Tensor | None = None, use_qk_l2norm: bool = False, states_every: int | None = None,
+    retention_first: bool = False,
 ):
     r"""Associative memory as test-time regression: one online-gradient step of a ``K x V``
     memory ``S`` per token and head (Titans / Miras / delta-rule family).
@@ -155,6 +165,9 @@ def memory_scan(
         use_qk_l2norm: L2-normalise q and k over K inside the kernel (``x / sqrt(|x|^2 + 1e-6)``).
         states_every: L: also return ``S`` after steps L-1, 2L-1, ... of each sequence,
             ``[B, T // L, H, K, V]`` (with cu_seqlens, sequences' segments concatenated), differentiable.
+        retention_first: decay first and take the error at the decayed state,
+            ``e_t = (a_t * S_{t-1})^T k_t - v_t`` (flash-linear-attention's gated-delta-rule order);
+            the default takes it at ``S_{t-1}`` (Titans / Miras order).
 
     Returns:
         ``(o, final_state, states)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``final_state`` or None;
@@ -174,7 +187,8 @@ def memory_scan(
     """
     return _memory_scan("retain.ops.memory_scan", q, k, v, beta, g=g, eta=eta, objective=objective, p=p,
                         delta=delta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                        cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, states_every=states_every)
+                        cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, states_every=states_every,
+                        retention_first=retention_first)
 
 
 def linear_attn(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, scale: float | None = None,

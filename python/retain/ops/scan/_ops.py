@@ -184,8 +184,14 @@ def _ms_params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objectiv
     d.update(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), beta=beta.data_ptr(), g=_ptr(g), eta=_ptr(eta),
              initial_S=_ptr(initial_S), initial_Z=_ptr(initial_Z), cu_seqlens=_ptr(cu_seqlens),
              scale=scale, p=p, delta=delta, eps=LP_EPS, objective=objective, gate_kind=gate_kind, l2norm=l2norm,
-             retention_first=retention_first, gate_log=gate_log)
+             retention_first=retention_first, gate_log=gate_log, momentum=eta is not None)
     return d
+
+
+def _require_kernel(q: Tensor) -> None:
+    if kernel_device("memory_scan", q) is None:
+        raise NotImplementedError("retain::memory_scan: the reference fallback runs through retain.ops.memory_scan "
+                                  "(and the named ops), not the raw custom op")
 
 
 def _contig(*ts):
@@ -201,11 +207,9 @@ def memory_scan_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, final_S, final_Z, states, ckpt_S, ckpt_Z); see retain.ops.memory_scan. Unused outputs
     (final_Z without momentum, states without states_every, checkpoints without save_ckpt) are empty."""
-    args = (q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens)
-    if kernel_device("memory_scan", q) is None:
-        return _memory_scan_fallback(*args, objective, p, delta, scale, l2norm, retention_first, gate_log,
-                                     states_every, save_ckpt)
-    q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens = _contig(*args)
+    _require_kernel(q)
+    q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens = _contig(q, k, v, beta, g, eta, initial_S, initial_Z,
+                                                                      cu_seqlens)
     outs = _ms_outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, _native.empty_like)
     o, final_S, final_Z, states, ckpt_S, ckpt_Z = outs
     d = _ms_params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
@@ -224,22 +228,6 @@ def _(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, del
     return _ms_outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, _empty_like)
 
 
-def _memory_scan_fallback(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale,
-                          l2norm, retention_first, gate_log, states_every, save_ckpt):
-    """The reference, shaped like the kernel's outputs (no checkpoints: its backward is autograd)."""
-    name = {c: n for n, c in OBJECTIVE_CODES.items()}[objective]
-    momentum = eta is not None
-    o, final, states = reference._scan(
-        q, k, v, beta, decay=(g.exp() if gate_log else g) if g is not None else None, eta=eta, objective=name,
-        p=p, delta=delta, scale=scale, initial_state=(initial_S, initial_Z) if momentum else initial_S,
-        output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm=l2norm,
-        states_every=states_every or None, retention_first=retention_first)
-    S, Z = final if momentum else (final, None)
-    nothing = lambda: q.new_empty(0, dtype=acc_dtype(q.dtype))  # noqa: E731
-    return (o.contiguous(), S.contiguous(), Z.contiguous() if momentum else nothing(),
-            states.contiguous() if states is not None else nothing(), nothing(), nothing())
-
-
 @torch.library.custom_op("retain::memory_scan_backward", mutates_args=())
 def memory_scan_backward_op(
     grad_o: Tensor, grad_final_S: Tensor | None, grad_final_Z: Tensor | None, grad_states: Tensor | None,
@@ -250,11 +238,7 @@ def memory_scan_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (q, k, v, beta, g, eta, initial_S, initial_Z) of memory_scan; those of absent
     inputs are empty. Recomputes states chunk by chunk from the checkpoints (csrc/scan/README.md)."""
-    inputs = (q, k, v, beta, g, eta, initial_S, initial_Z)
-    if kernel_device("memory_scan", q) is None:
-        return _memory_scan_backward_fallback(grad_o, grad_final_S, grad_final_Z, grad_states, inputs, cu_seqlens,
-                                              objective, p, delta, scale, l2norm, retention_first, gate_log,
-                                              states_every)
+    _require_kernel(q)
     q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z = _contig(
         q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z)
     grad_o, grad_final_S, grad_final_Z, grad_states = _contig(grad_o, grad_final_S, grad_final_Z, grad_states)
@@ -265,7 +249,7 @@ def memory_scan_backward_op(
     names = ("grad_q", "grad_k", "grad_v", "grad_beta", "grad_g", "grad_eta", "grad_initial_S", "grad_initial_Z")
     gd = {name: _ptr(t if t.numel() else None) for name, t in zip(names, grads)}
     gd.update(grad_o=grad_o.data_ptr(), grad_final_S=_ptr(grad_final_S), grad_final_Z=_ptr(grad_final_Z),
-              grad_states=_ptr(grad_states))
+              grad_states=_ptr(grad_states), empty=grad_o.numel() == 0)
     dS0, dZ0 = grads[6], grads[7]
     if grad_o.numel() or dS0.numel():
         _native.lib().memory_scan_bwd_cpu(_native.DTYPE_CODES[q.dtype], d, gd, _native.num_threads())
@@ -288,27 +272,6 @@ def _(grad_o, grad_final_S, grad_final_Z, grad_states, q, k, v, beta, g, eta, in
     return _ms_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, _empty_like)
 
 
-def _memory_scan_backward_fallback(grad_o, grad_final_S, grad_final_Z, grad_states, inputs, cu_seqlens, objective,
-                                   p, delta, scale, l2norm, retention_first, gate_log, states_every):
-    """Autograd through the reference (the RETAIN_FALLBACK=reference path)."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-        o, S, Z, states, _, _ = _memory_scan_fallback(*leaves, cu_seqlens, objective, p, delta, scale, l2norm,
-                                                      retention_first, gate_log, states_every, False)
-        outs = [(o, grad_o), (S, grad_final_S), (Z, grad_final_Z), (states, grad_states)]
-        outs = [(out, gr) for out, gr in outs if gr is not None and out.numel()]
-        wanted = [t for t in leaves if t is not None]
-        got = torch.autograd.grad([o for o, _ in outs], wanted, [gr for _, gr in outs], allow_unused=True)
-    got = iter(got)
-    result = []
-    for t in leaves:
-        gr = next(got) if t is not None else None
-        result.append(torch.zeros_like(t) if t is not None and gr is None else gr)
-    q = inputs[0]
-    fill = [lambda: q.new_empty(0)] * 6 + [lambda: q.new_empty(0, dtype=acc_dtype(q.dtype))] * 2
-    return tuple(r.contiguous() if r is not None else f() for r, f in zip(result, fill))
-
-
 _MS_SCALARS = ("objective", "p", "delta", "scale", "l2norm", "retention_first", "gate_log", "states_every",
                "states_rows")
 
@@ -324,7 +287,7 @@ def _ms_setup_context(ctx, inputs, output):
 
 def _ms_backward(ctx, grad_o, grad_final_S, grad_final_Z, grad_states, _gc1, _gc2):
     q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z = ctx.saved_tensors
-    if ckpt_S.numel() == 0 and kernel_device("memory_scan", q) is not None and q.shape[1] > 0:
+    if ckpt_S.numel() == 0 and q.shape[1] > 0:
         raise RuntimeError("retain::memory_scan: backward without saved checkpoints (the forward ran with "
                            "save_ckpt=False); call retain.ops.memory_scan, which sets it when grad is needed")
     objective, p, delta, scale, l2norm, retention_first, gate_log, states_every, states_rows = ctx.scalars

@@ -1,0 +1,389 @@
+"""retain.ops.memory_scan and its named ops (linear_attn, delta_rule, gated_delta_rule,
+titans_linear): kernel vs reference for the forward and every gradient, chunk and checkpoint
+boundaries, varlen, cached states, dtypes, opcheck, torch.compile, bad input."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import retain
+from retain import _native
+from retain.ops import delta_rule, gated_delta_rule, linear_attn, memory_scan, titans_linear
+from retain.ops.scan import _memory, _ops
+from retain.ops.scan import reference as ref
+from tests.helpers import KERNEL_DTYPES, assert_close
+
+F64 = torch.float64
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_case(B=2, T=13, H=2, K=5, V=3, *, dtype=F64, gate=None, momentum=False, initial=False, seed=0,
+              requires_grad=True):
+    """Inputs of memory_scan in float64, rounded to ``dtype``: keys scaled so the delta rule stays
+    stable, gates in (0, 1) as log values, beta and eta in [0, 1)."""
+    g_ = gen(seed)
+    t = lambda *s, scale=1.0: (torch.randn(s, generator=g_, dtype=F64) * scale)  # noqa: E731
+    u = lambda *s: torch.rand(s, generator=g_, dtype=F64)  # noqa: E731
+    case = dict(q=t(B, T, H, K), k=t(B, T, H, K, scale=0.4), v=t(B, T, H, V), beta=u(B, T, H) * 0.5)
+    if gate == "head":
+        case["g"] = -u(B, T, H) * 0.5
+    elif gate == "key":
+        case["g"] = -u(B, T, H, K) * 0.5
+    if momentum:
+        case["eta"] = u(B, T, H) * 0.9
+    leaf = lambda x: x.to(dtype).requires_grad_(requires_grad)  # noqa: E731
+    case = {name: leaf(x) for name, x in case.items()}
+    if initial:  # in the state dtype: float32, float64 for float64 inputs
+        state = lambda: t(B, H, K, V).to(_ops.acc_dtype(dtype)).requires_grad_(requires_grad)  # noqa: E731
+        S0 = state()
+        case["initial_state"] = (S0, state()) if momentum else S0
+    return case
+
+
+def leaves(case):
+    out = []
+    for x in case.values():
+        out.extend(x if isinstance(x, tuple) else [x])
+    return [x for x in out if isinstance(x, torch.Tensor) and x.requires_grad]
+
+
+def scalar_loss(o, final, states):
+    """A loss that weighs every output element differently, so every gradient path is exercised."""
+    w = torch.cos(torch.arange(o.numel(), dtype=torch.float64)).reshape(o.shape).to(o.dtype)
+    loss = (o * w).sum()
+    finals = final if isinstance(final, tuple) else (final,)
+    for i, f in enumerate(x for x in finals if x is not None):
+        loss = loss + (f * f).sum() * (0.3 + 0.1 * i)
+    if states is not None:
+        loss = loss + (states * 0.7).sum()
+    return loss
+
+
+def check_memory_scan(case, **kwargs):
+    """memory_scan vs memory_scan_ref: o, final state(s), cached states, every input's gradient."""
+    args = [case[n] for n in ("q", "k", "v", "beta")]
+    extra = {n: case[n] for n in ("g", "eta", "initial_state") if n in case}
+    got = memory_scan(*args, **extra, output_final_state=True, **kwargs)
+    want = ref.memory_scan_ref(*args, **extra, output_final_state=True, **kwargs)
+    assert torch.isfinite(want[0]).all(), "the test case diverges: pick gentler inputs"
+    assert got[0].dtype == case["q"].dtype
+    assert_close(got[0], want[0], msg="o")
+    for a, b in zip(got[1] if isinstance(got[1], tuple) else (got[1],),
+                    want[1] if isinstance(want[1], tuple) else (want[1],)):
+        assert_close(a, b, msg="final state")
+    if kwargs.get("states_every"):
+        assert_close(got[2], want[2], msg="states")
+    inputs = leaves(case)
+    if not inputs:
+        return
+    g_got = torch.autograd.grad(scalar_loss(*got), inputs, allow_unused=True)
+    g_want = torch.autograd.grad(scalar_loss(*want), inputs, allow_unused=True)
+    for i, (a, b) in enumerate(zip(g_got, g_want)):
+        if b is None:
+            assert a is None or not a.any()
+            continue
+        assert_close(a, b, msg=f"gradient of input {i}")
+
+
+CONFIGS = list(itertools.product(["dot", "l2", "lp", "huber"], [None, "head", "key"], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("objective,gate,momentum,retention_first", CONFIGS,
+                         ids=["-".join(map(str, c)) for c in CONFIGS])
+def test_memory_scan_matches_reference_float64(objective, gate, momentum, retention_first):
+    case = make_case(gate=gate, momentum=momentum, initial=True, seed=len(objective))
+    check_memory_scan(case, objective=objective, p=3.0, delta=0.4, retention_first=retention_first)
+
+
+@pytest.mark.parametrize("use_qk_l2norm", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.7])
+def test_memory_scan_l2norm_and_scale(use_qk_l2norm, scale):
+    case = make_case(gate="head", momentum=True, initial=True, seed=3)
+    check_memory_scan(case, use_qk_l2norm=use_qk_l2norm, scale=scale)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
+def test_memory_scan_checkpoint_boundaries(T):
+    # checkpoints every 64 steps for this K*V: the backward recomputes chunk by chunk
+    assert _ops.checkpoint_every(5, 3, F64) == 64
+    case = make_case(B=1, T=T, H=1, gate="key", momentum=True, initial=True, seed=T)
+    check_memory_scan(case, states_every=7)
+
+
+def test_memory_scan_small_checkpoint_interval_for_large_heads():
+    K = V = 256  # 256*256*8 bytes per state: chunks of 4 states
+    C = _ops.checkpoint_every(K, V, F64)
+    assert C == 4
+    case = make_case(B=1, T=2 * C + 3, H=1, K=K, V=V, gate="head", momentum=True, seed=5)
+    check_memory_scan(case)
+
+
+@given(
+    B=st.integers(1, 2), T=st.sampled_from([1, 2, 7, 33]), H=st.integers(1, 2),
+    K=st.sampled_from([1, 4, 17, 65]), V=st.sampled_from([1, 3, 16, 33]),
+    objective=st.sampled_from(["dot", "l2", "lp", "huber"]), gate=st.sampled_from([None, "head", "key"]),
+    momentum=st.booleans(), initial=st.booleans(), retention_first=st.booleans(), l2norm=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_memory_scan_hypothesis(B, T, H, K, V, objective, gate, momentum, initial, retention_first, l2norm, seed):
+    case = make_case(B, T, H, K, V, gate=gate, momentum=momentum, initial=initial, seed=seed)
+    check_memory_scan(case, objective=objective, p=1.5, delta=0.3, retention_first=retention_first,
+                      use_qk_l2norm=l2norm, states_every=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("momentum", [False, True])
+def test_memory_scan_low_precision(dtype, momentum):
+    case = make_case(B=1, T=20, H=2, K=8, V=8, dtype=dtype, gate="head", momentum=momentum, initial=True, seed=7)
+    check_memory_scan(case)
+    o, S, _ = memory_scan(case["q"], case["k"], case["v"], case["beta"], output_final_state=True)
+    assert o.dtype == dtype and S.dtype == torch.float32
+
+
+def test_memory_scan_gates_at_extremes():
+    # beta = 0 leaves the memory untouched; g -> -inf wipes it every step; eta = 0 is no momentum
+    case = make_case(B=1, T=9, H=1, initial=True, seed=11)
+    q, k, v, beta, S0 = case["q"], case["k"], case["v"], case["beta"], case["initial_state"]
+    _, S, _ = memory_scan(q, k, v, torch.zeros_like(beta), initial_state=S0, output_final_state=True)
+    assert_close(S, S0)
+    g = torch.full(beta.shape, float("-inf"), dtype=F64)
+    o, S, _ = memory_scan(q, k, v, beta, g=g, objective="dot", initial_state=S0, output_final_state=True)
+    kv_last = beta[:, -1, :, None, None] * k[:, -1, :, :, None] * v[:, -1, :, None, :]
+    assert_close(S, kv_last)
+    o0, S0_, _ = memory_scan(q, k, v, beta, eta=0.0, output_final_state=True)
+    o1, S1, _ = memory_scan(q, k, v, beta, output_final_state=True)
+    assert_close(o0, o1)
+    assert_close(S0_[0], S1)
+    check_memory_scan(dict(case, beta=torch.zeros_like(beta).requires_grad_()))
+
+
+def test_memory_scan_varlen_equals_separate_sequences():
+    lengths = [5, 0, 9, 1]
+    T = sum(lengths)
+    case = make_case(B=1, T=T, H=2, gate="key", momentum=True, seed=13)
+    N = len(lengths)
+    S0 = torch.randn(N, 2, 5, 3, dtype=F64, requires_grad=True)
+    Z0 = torch.randn(N, 2, 5, 3, dtype=F64, requires_grad=True)
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)))
+    case["initial_state"] = (S0, Z0)
+    check_memory_scan(case, cu_seqlens=cu, states_every=2)
+    o, (S, Z), st_ = memory_scan(case["q"], case["k"], case["v"], case["beta"], g=case["g"], eta=case["eta"],
+                                 initial_state=(S0, Z0), output_final_state=True, cu_seqlens=cu, states_every=2)
+    assert st_.shape == (1, sum(n // 2 for n in lengths), 2, 5, 3)
+    for n in range(N):
+        sl = slice(int(cu[n]), int(cu[n + 1]))
+        cut = {name: case[name][:, sl] for name in ("q", "k", "v", "beta", "g", "eta")}
+        o_n, (S_n, Z_n), _ = memory_scan(cut.pop("q"), cut.pop("k"), cut.pop("v"), cut.pop("beta"), **cut,
+                                         initial_state=(S0[n:n + 1], Z0[n:n + 1]), output_final_state=True)
+        assert_close(o[:, sl], o_n)
+        assert_close(S[n:n + 1], S_n)
+        assert_close(Z[n:n + 1], Z_n)
+
+
+def test_memory_scan_split_with_state_passing_equals_one_call():
+    case = make_case(B=2, T=20, gate="head", momentum=True, seed=17, requires_grad=False)
+    full_o, full_final, _ = memory_scan(case["q"], case["k"], case["v"], case["beta"], g=case["g"],
+                                        eta=case["eta"], output_final_state=True)
+    half = {n: (x[:, :11], x[:, 11:]) for n, x in case.items()}
+    o1, st1, _ = memory_scan(*(half[n][0] for n in ("q", "k", "v", "beta")), g=half["g"][0], eta=half["eta"][0],
+                             output_final_state=True)
+    o2, st2, _ = memory_scan(*(half[n][1] for n in ("q", "k", "v", "beta")), g=half["g"][1], eta=half["eta"][1],
+                             initial_state=st1, output_final_state=True)
+    assert_close(torch.cat([o1, o2], 1), full_o)
+    assert_close(st2[0], full_final[0])
+    assert_close(st2[1], full_final[1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_memory_scan_same_bits_for_any_thread_count(threads):
+    case = make_case(B=2, T=70, H=3, K=16, V=16, dtype=torch.float32, gate="head", momentum=True, seed=19)
+    args = [case[n] for n in ("q", "k", "v", "beta")]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        o1 = memory_scan(*args, g=case["g"], eta=case["eta"])[0]
+        g1 = torch.autograd.grad(o1.sum(), args)
+        torch.set_num_threads(threads)
+        o2 = memory_scan(*args, g=case["g"], eta=case["eta"])[0]
+        g2 = torch.autograd.grad(o2.sum(), args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(o1, o2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_memory_scan_empty_sequence():
+    case = make_case(B=2, T=0, initial=True, seed=23)
+    o, S, _ = memory_scan(case["q"], case["k"], case["v"], case["beta"], initial_state=case["initial_state"],
+                          output_final_state=True)
+    assert o.shape == (2, 0, 2, 3)
+    assert_close(S, case["initial_state"])
+    (gS,) = torch.autograd.grad((S * 2).sum(), case["initial_state"])
+    assert_close(gS, torch.full_like(gS, 2.0))
+
+
+NAMED = [
+    ("linear_attn", lambda c: linear_attn(c["q"], c["k"], c["v"], g=c.get("g"), output_final_state=True),
+     lambda c: ref.linear_attn_ref(c["q"], c["k"], c["v"], g=c.get("g"), output_final_state=True)),
+    ("delta_rule", lambda c: delta_rule(c["q"], c["k"], c["v"], c["beta"], output_final_state=True),
+     lambda c: ref.delta_rule_ref(c["q"], c["k"], c["v"], c["beta"], output_final_state=True)),
+    ("gated_delta_rule",
+     lambda c: gated_delta_rule(c["q"], c["k"], c["v"], c["g"], c["beta"], output_final_state=True,
+                                use_qk_l2norm=True),
+     lambda c: ref.gated_delta_rule_ref(c["q"], c["k"], c["v"], c["g"], c["beta"], output_final_state=True,
+                                        use_qk_l2norm=True)),
+    ("titans_linear",
+     lambda c: titans_linear(c["q"], c["k"], c["v"], c["beta"], 1 - c["g"].exp(), c["eta"], output_final_state=True),
+     lambda c: ref.titans_linear_ref(c["q"], c["k"], c["v"], c["beta"], 1 - c["g"].exp(), c["eta"],
+                                     output_final_state=True)),
+]
+
+
+@pytest.mark.parametrize("name,op,op_ref", NAMED, ids=[n[0] for n in NAMED])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_named_ops_match_their_references(name, op, op_ref, dtype):
+    case = make_case(B=2, T=11, H=2, K=6, V=4, dtype=dtype, gate="head", momentum=True, seed=29)
+    got, want = op(case), op_ref(case)
+    assert_close(got[0], want[0])
+    flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
+    for a, b in zip(flat(got[1]), flat(want[1])):
+        assert_close(a, b)
+    inputs = leaves(case)
+    g_got = torch.autograd.grad(scalar_loss(got[0], got[1], None), inputs, allow_unused=True)
+    g_want = torch.autograd.grad(scalar_loss(want[0], want[1], None), inputs, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        if b is not None:
+            assert_close(a, b)
+
+
+def test_titans_alpha_one_wipes_memory_with_finite_gradient():
+    case = make_case(B=1, T=6, H=1, momentum=True, seed=31)
+    alpha = torch.ones(1, 6, 1, dtype=F64, requires_grad=True)
+    o, (S, Z), = titans_linear(case["q"], case["k"], case["v"], case["beta"], alpha, case["eta"],
+                               output_final_state=True)[:1] + (titans_linear(
+                                   case["q"], case["k"], case["v"], case["beta"], alpha, case["eta"],
+                                   output_final_state=True)[1],)
+    assert_close(S, Z)
+    (g_alpha,) = torch.autograd.grad(scalar_loss(o, (S, Z), None), alpha)
+    assert torch.isfinite(g_alpha).all()
+
+
+def test_delta_rule_recalls_orthonormal_keys():
+    K = 8
+    keys = torch.linalg.qr(torch.randn(K, K, generator=gen(37), dtype=F64))[0]
+    k = keys[:6].reshape(1, 6, 1, K)
+    v = torch.randn(1, 6, 1, 4, generator=gen(38), dtype=F64)
+    _, S = delta_rule(k, k, v, 1.0, output_final_state=True)
+    assert_close(torch.einsum("kv,tk->tv", S[0, 0], k[0, :, 0]), v[0, :, 0])
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_memory_scan_opcheck(momentum):
+    c = make_case(B=1, T=5, H=2, K=3, V=2, gate="key", momentum=momentum, initial=True, seed=41)
+    S0, Z0 = c["initial_state"] if momentum else (c["initial_state"], None)
+    args = (c["q"], c["k"], c["v"], c["beta"], c["g"], c.get("eta"), S0, Z0, None, 1, 3.0, 1.0, 0.5, True, False,
+            True, 2, 2, True)
+    torch.library.opcheck(_ops.memory_scan_op, args)
+    o, S, Z, states, ckS, ckZ = _ops.memory_scan_op(*args)
+    d = lambda x: None if x is None else x.detach()  # noqa: E731
+    bargs = (torch.randn_like(o), torch.randn_like(S), torch.randn_like(Z) if momentum else None,
+             torch.randn_like(states), *(d(x) for x in args[:9]), ckS, ckZ, 1, 3.0, 1.0, 0.5, True, False, True, 2, 2)
+    torch.library.opcheck(_ops.memory_scan_backward_op, bargs)
+
+
+def test_memory_scan_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def model(q, k, v, beta_logit, g, eta):
+        o, (S, Z), states = memory_scan(q, k, v, torch.sigmoid(beta_logit), g=g, eta=eta,
+                                        output_final_state=True, states_every=4)
+        return o.square().mean() + S.sum() * 0.1 + states.mean()
+
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    c = make_case(B=1, T=12, H=2, K=4, V=4, dtype=torch.float32, gate="head", momentum=True, seed=43)
+    args = (c["q"], c["k"], c["v"], c["beta"], c["g"], c["eta"])
+    got, want = compiled(*args), model(*args)
+    assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
+        assert_close(a, b)
+
+
+def test_memory_scan_fallback_policy(monkeypatch):
+    case = make_case(B=1, T=7, gate="head", momentum=True, initial=True, seed=47)
+    monkeypatch.setattr(_native, "has_kernel", lambda op, device: False)
+    monkeypatch.delenv("RETAIN_FALLBACK", raising=False)
+    with pytest.raises(NotImplementedError, match=r"retain::memory_scan: no kernel for device 'cpu'"):
+        memory_scan(case["q"], case["k"], case["v"], case["beta"])
+    monkeypatch.setenv("RETAIN_FALLBACK", "reference")
+    check_memory_scan(case, states_every=3)
+
+
+def test_memory_scan_docstring_examples():
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for fn in (memory_scan, linear_attn, delta_rule, gated_delta_rule, titans_linear):
+        for test in finder.find(fn, globs={"torch": torch, "retain": retain}):
+            runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 5
+
+
+def _bad(**over):
+    c = make_case(B=1, T=4, H=2, K=3, V=2, seed=53, requires_grad=False)
+    c.update(over)
+    return c
+
+
+BAD_INPUTS = [
+    ("q not 4-D", dict(q=torch.zeros(1, 4, 3)), ValueError, "q must have 4 dimensions"),
+    ("k shape", dict(k=torch.zeros(1, 4, 2, 4, dtype=F64)), ValueError, r"k must have shape \(1, 4, 2, 3\)"),
+    ("v shape", dict(v=torch.zeros(1, 5, 2, 2, dtype=F64)), ValueError, r"v must have shape \(1, 4, 2, 2\)"),
+    ("dtype mix", dict(v=torch.zeros(1, 4, 2, 2)), TypeError, "v must have q's dtype float64, got float32"),
+    ("integer q", dict(q=torch.zeros(1, 4, 2, 3, dtype=torch.long)), TypeError, "q must be a floating tensor"),
+    ("beta shape", dict(beta=torch.zeros(1, 4, 3, dtype=F64)), ValueError, r"beta must have shape \(1, 4, 2\)"),
+    ("g shape", dict(g=torch.zeros(1, 4, 2, 2, dtype=F64)), ValueError, r"g must have shape \(1, 4, 2\) \(per head\)"),
+    ("eta device", dict(eta=torch.zeros(1, 4, 2, dtype=F64, device="meta")), ValueError,
+     "eta must be on q's device cpu, got meta"),
+    ("objective", dict(objective="l3"), ValueError, "objective must be one of"),
+    ("lp p", dict(objective="lp", p=0.5), ValueError, "p must be >= 1"),
+    ("huber delta", dict(objective="huber", delta=0.0), ValueError, "delta must be > 0"),
+    ("initial shape", dict(initial_state=torch.zeros(1, 2, 3, 3)), ValueError,
+     r"initial_state must have shape \(1, 2, 3, 2\)"),
+    ("Z0 without eta", dict(initial_state=(torch.zeros(1, 2, 3, 2), torch.zeros(1, 2, 3, 2))), ValueError,
+     "initial_state has a momentum state Z0 but eta is None"),
+    ("cu_seqlens B", dict(q=torch.zeros(2, 4, 2, 3, dtype=F64), k=torch.zeros(2, 4, 2, 3, dtype=F64),
+                          v=torch.zeros(2, 4, 2, 2, dtype=F64), beta=torch.zeros(2, 4, 2, dtype=F64),
+                          cu_seqlens=torch.tensor([0, 4])), ValueError, "cu_seqlens requires B == 1"),
+    ("cu_seqlens end", dict(cu_seqlens=torch.tensor([0, 2, 3])), ValueError,
+     r"cu_seqlens must start at 0, never decrease and end at T = 4, got \[0, 2, 3\]"),
+    ("cu_seqlens order", dict(cu_seqlens=torch.tensor([0, 3, 2, 4])), ValueError, r"cu_seqlens must start at 0, never decrease.*got \[0, 3, 2, 4\]"),
+    ("cu_seqlens dtype", dict(cu_seqlens=torch.tensor([0.0, 4.0])), TypeError, "cu_seqlens must be int32 or int64"),
+    ("states_every", dict(states_every=0), ValueError, "states_every must be a positive int"),
+    ("head dim", dict(q=torch.zeros(1, 4, 2, 1025, dtype=F64), k=torch.zeros(1, 4, 2, 1025, dtype=F64)), ValueError,
+     r"head dimension K must be in \[1, 1024\], got 1025"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_memory_scan_bad_input(case):
+    _, over, exc, pattern = case
+    c = _bad(**over)
+    args = [c.pop(n) for n in ("q", "k", "v", "beta")]
+    with pytest.raises(exc, match=re.escape("retain.ops.memory_scan") + ": " + pattern):
+        memory_scan(*args, **c)
+
+
+def test_named_op_errors_name_the_named_op():
+    c = _bad()
+    with pytest.raises(ValueError, match=r"retain\.ops\.gated_delta_rule: g must have shape"):
+        gated_delta_rule(c["q"], c["k"], c["v"], torch.zeros(3, dtype=F64), c["beta"])
+    assert _memory.MAX_HEAD_DIM == 1024
