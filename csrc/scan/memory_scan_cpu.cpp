@@ -32,6 +32,15 @@ RETAIN_FORCE_INLINE void column_blocks(int64_t V, F&& f) {
   if (j0 < V) f(j0, V - j0);
 }
 
+// Sum of a block of per-lane partial sums (a reduction the compiler vectorises: this file is
+// built with -fassociative-math).
+template <typename A>
+RETAIN_FORCE_INLINE A lane_sum(const A (&part)[kBlock<A>]) {
+  A s = 0;
+  for (int64_t l = 0; l < kBlock<A>; ++l) s += part[l];
+  return s;
+}
+
 // One (sequence, head) pair's view of the inputs and the per-step vectors they load into.
 template <typename T>
 struct Unit {
@@ -314,50 +323,55 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
           const A* Sprev = Sbuf.data() + i * KV;
           const A* Scur = Sbuf.data() + (i + 1) * KV;
           const A* Zprev = momentum ? Zbuf.data() + i * KV : nullptr;
-          const A* e = ebuf.data() + i * V;
-          const A* psi = psibuf.data() + i * V;
+          const A* __restrict e = ebuf.data() + i * V;
+          const A* __restrict psi = psibuf.data() + i * V;
           if (L > 0 && G.grad_states && (t - u.t0 + 1) % L == 0) {
             const int64_t s_idx = (t - u.t0 + 1) / L - 1;
             const A* gs = G.grad_states + u.states_offset(s_idx);
             for (int64_t x = 0; x < KV; ++x) dS[x] += gs[x];
           }
-          for (int64_t j = 0; j < V; ++j) go[j] = load_as<A>(G.grad_o[r * V + j]), w[j] = A(0);
+          A* __restrict gov = go.data();
+          A* __restrict wv = w.data();
+          for (int64_t j = 0; j < V; ++j) gov[j] = load_as<A>(G.grad_o[r * V + j]), wv[j] = A(0);
           // pass A: o_t = S_tᵀ q̃ feeds dS and dq̃; dZ_t = dS_t (+ the momentum carry)
           A deta = 0;
           for (int64_t i2 = 0; i2 < K; ++i2) {
             A* __restrict dSi = dS.data() + i2 * V;
             const A* __restrict Si = Scur + i2 * V;
             const A qi = u.qq[i2];
-            A dq = 0;
-#pragma omp simd reduction(+ : dq)
-            for (int64_t j = 0; j < V; ++j) {
-              dSi[j] += qi * go[j];
-              dq += Si[j] * go[j];
-            }
-            dqq[i2] = dq;
-            const A* __restrict dZi = dSi;
-            if (momentum) {
-              A* __restrict dZti = dZt.data() + i2 * V;
-              A* __restrict dZci = dZ.data() + i2 * V;
-              const A* __restrict Zpi = Zprev + i2 * V;
-              A de_acc = 0;
-#pragma omp simd reduction(+ : de_acc)
-              for (int64_t j = 0; j < V; ++j) {
-                dZti[j] = dSi[j] + dZci[j];
-                de_acc += dZti[j] * Zpi[j];
-                dZci[j] = u.eta * dZti[j];
-              }
-              deta += de_acc;
-              dZi = dZti;
-            }
             const A ki = u.kk[i2];
-            A dk = 0;
-#pragma omp simd reduction(+ : dk)
-            for (int64_t j = 0; j < V; ++j) {
-              w[j] += dZi[j] * ki;
-              dk += dZi[j] * psi[j];
-            }
-            dkk[i2] = -u.beta * dk;
+            A* __restrict dZti = momentum ? dZt.data() + i2 * V : nullptr;
+            A* __restrict dZci = momentum ? dZ.data() + i2 * V : nullptr;
+            const A* __restrict Zpi = momentum ? Zprev + i2 * V : nullptr;
+            A pq[kBlock<A>] = {}, pk[kBlock<A>] = {}, pe[kBlock<A>] = {};  // per-lane partial sums
+            column_blocks<A>(V, [&](int64_t j0, auto nb) {
+              if (momentum) {
+#pragma omp simd
+                for (int64_t j = 0; j < nb; ++j) {
+                  const A ds = dSi[j0 + j] + qi * gov[j0 + j];
+                  dSi[j0 + j] = ds;
+                  pq[j] += Si[j0 + j] * gov[j0 + j];
+                  const A dz = ds + dZci[j0 + j];
+                  dZti[j0 + j] = dz;
+                  pe[j] += dz * Zpi[j0 + j];
+                  dZci[j0 + j] = u.eta * dz;
+                  wv[j0 + j] += dz * ki;
+                  pk[j] += dz * psi[j0 + j];
+                }
+              } else {
+#pragma omp simd
+                for (int64_t j = 0; j < nb; ++j) {
+                  const A ds = dSi[j0 + j] + qi * gov[j0 + j];
+                  dSi[j0 + j] = ds;
+                  pq[j] += Si[j0 + j] * gov[j0 + j];
+                  wv[j0 + j] += ds * ki;
+                  pk[j] += ds * psi[j0 + j];
+                }
+              }
+            });
+            dqq[i2] = lane_sum(pq);
+            dkk[i2] = -u.beta * lane_sum(pk);
+            if (momentum) deta += lane_sum(pe);
           }
           // psi's gradient, beta's, and through psi(e) to e and v
           A dbeta = 0;
@@ -374,21 +388,25 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
             }
           }
           // pass B: e = (r ⊙ S_{t-1})ᵀ k − v and S_t = a ⊙ S_{t-1} + Z_t, back to S_{t-1}, k and a
+          const A* __restrict dev = de.data();
           for (int64_t i2 = 0; i2 < K; ++i2) {
             A* __restrict dSi = dS.data() + i2 * V;
             const A* __restrict Spi = Sprev + i2 * V;
             const A ai = u.av[i2];
             const A rk = P.retention_first ? ai : A(1);
             const A c = rk * u.kk[i2];
-            A sd = 0, dai = 0;
-#pragma omp simd reduction(+ : sd, dai)
-            for (int64_t j = 0; j < V; ++j) {
-              sd += Spi[j] * de[j];
-              dai += dSi[j] * Spi[j];
-              dSi[j] = ai * dSi[j] + c * de[j];
-            }
+            A psd[kBlock<A>] = {}, pda[kBlock<A>] = {};
+            column_blocks<A>(V, [&](int64_t j0, auto nb) {
+#pragma omp simd
+              for (int64_t j = 0; j < nb; ++j) {
+                psd[j] += Spi[j0 + j] * dev[j0 + j];
+                pda[j] += dSi[j0 + j] * Spi[j0 + j];
+                dSi[j0 + j] = ai * dSi[j0 + j] + c * dev[j0 + j];
+              }
+            });
+            const A sd = lane_sum(psd);
             dkk[i2] += rk * sd;
-            da[i2] = dai + (P.retention_first ? u.kk[i2] * sd : A(0));
+            da[i2] = lane_sum(pda) + (P.retention_first ? u.kk[i2] * sd : A(0));
           }
           // to the raw inputs: gates in log space, l2-normalised q and k
           if (G.grad_g) {
