@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/isa.h"
 #include "common/parallel.h"
 #include "scan/memory_scan.h"
 #include "scan/scan.h"
@@ -446,14 +447,7 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
   }
 }
 
-// One clone per instruction set (AVX-512, AVX2+FMA, baseline x86-64), picked at load time: the
-// unit bodies above are force-inlined into each clone and compiled for its ISA. The wheel stays
-// portable; the K x V loops get FMA and wide vectors where the CPU has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RETAIN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RETAIN_ISA_CLONES
-#endif
+// One clone per instruction set (common/isa.h): the unit bodies above are force-inlined into each.
 
 #define RETAIN_UNIT_KERNELS(T)                                                                              \
   RETAIN_ISA_CLONES void fwd_unit_isa(const MemoryScanParams<T>& P, int64_t n, Workspace<Acc<T>>& ws) {     \

@@ -20,9 +20,10 @@ def linear_recurrence_ref(
         initial.to(acc) if initial is not None else torch.zeros((B, *x.shape[2:]), dtype=acc, device=x.device)
     )
     out = []
+    a_t, x_t = a.unbind(1), x.unbind(1)  # (indexing a[:, t] would make autograd quadratic in T)
     steps = range(T - 1, -1, -1) if reverse else range(T)
     for t in steps:
-        state = a[:, t].to(acc) * state + x[:, t].to(acc)
+        state = a_t[t].to(acc) * state + x_t[t].to(acc)
         out.append(state)
     if reverse:
         out.reverse()

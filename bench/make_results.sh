@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Regenerate the committed CPU results in bench/results/ (about 10 minutes on 2 cores).
+# Each run first waits (up to 5 minutes) for other processes to leave the CPUs idle and measures
+# a cell again (up to 3 times) when they did not; check the
+# `noisy` flags and the before/after ceilings in the .md files, and rerun a file that has them.
+#
+#   bash bench/make_results.sh            # everything
+#   bash bench/make_results.sh default    # one of: default sweep cold plot
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+R=bench/results
+mkdir -p "$R"
+what="${1:-all}"
+run() { python -m retain bench --wait-quiet 300 --retry-noisy 3 "$@"; }
+for op in linear_recurrence gated_delta_rule; do
+  if [[ $what == all || $what == default ]]; then
+    run --op $op --json $R/${op}_cpu.json --markdown $R/${op}_cpu.md
+  fi
+  if [[ $what == all || $what == sweep ]]; then
+    run --op $op --sweep-T 512,1024,2048,4096,8192 --json $R/${op}_cpu_sweep.json --markdown $R/${op}_cpu_sweep.md
+  fi
+  if [[ $what == all || $what == sweep || $what == plot ]]; then
+    python bench/plot.py $R/${op}_cpu_sweep.json -o $R/${op}_cpu.png
+  fi
+done
+if [[ $what == all || $what == cold ]]; then
+  run --op linear_recurrence --impl retain,numba,eager,assoc-scan --cold-heap \
+    --json $R/linear_recurrence_cpu_cold_heap.json --markdown $R/linear_recurrence_cpu_cold_heap.md
+fi
+if [[ $what == all || $what == memory ]]; then
+  python bench/scan/peak_memory.py --T 8192 --out $R/gated_delta_rule_peak_memory.md
+fi
