@@ -218,7 +218,11 @@ _GDR_ARGS = ("q", "k", "v", "g", "beta")
 
 
 def _gdr_retain(inputs, params, device):
+    from retain import _native
     from retain.ops import gated_delta_rule
+
+    if not _native.has_kernel("memory_scan", device):
+        raise Unsupported(f"no memory_scan kernel for {device} in this build")
 
     return autograd_runner(lambda *a: gated_delta_rule(*a)[0], inputs, _GDR_ARGS, "grad_o")
 

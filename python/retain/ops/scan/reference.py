@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -81,13 +83,15 @@ def _split_state(initial_state, momentum: bool):
     return initial_state, None
 
 
-def _step_gate(x, t: int, acc: torch.dtype):
-    """Gate of step t broadcastable against the state ``[B, H, K, V]``: a Python number stays one,
-    ``[B, T, H]`` becomes ``[B, H, 1, 1]``, ``[B, T, H, K]`` becomes ``[B, H, K, 1]``."""
+def _steps(x, acc: torch.dtype):
+    """Per-step gates broadcastable against the state ``[B, H, K, V]``: a Python number stays one
+    (repeated), ``[B, T, H]`` gives ``[B, H, 1, 1]`` per step, ``[B, T, H, K]`` gives ``[B, H, K, 1]``.
+    Unbinding once keeps autograd linear in T (indexing ``x[:, t]`` per step makes it quadratic)."""
     if not isinstance(x, torch.Tensor):
-        return x
-    x_t = x[:, t].to(acc)
-    return x_t[..., None, None] if x_t.dim() == 2 else x_t[..., None]
+        return itertools.repeat(x)
+    x = x.to(acc)
+    x = x[..., None, None] if x.dim() == 3 else x[..., None]
+    return x.unbind(1)
 
 
 def _psi(e: torch.Tensor, objective: str, p: float, delta: float) -> torch.Tensor:
@@ -114,12 +118,12 @@ def _scan_dense(q, k, v, beta, decay, eta, objective, p, delta, scale, s0, z0, s
     if momentum:
         Z = z0.to(dtype=acc, copy=True) if z0 is not None else torch.zeros(B, H, K, V, dtype=acc, device=q.device)
     outs, states = [], []
-    for t in range(T):
-        q_t = q[:, t].to(acc) * scale
-        k_t = k[:, t].to(acc)
-        v_t = v[:, t].to(acc)
-        a_t = _step_gate(decay, t, acc) if decay is not None else None
-        b_t = _step_gate(beta, t, acc)
+    steps = zip(range(T), q.unbind(1), k.unbind(1), v.unbind(1), _steps(beta, acc),
+                _steps(decay, acc) if decay is not None else itertools.repeat(None), _steps(eta, acc))
+    for t, q_t, k_t, v_t, b_t, a_t, eta_t in steps:
+        q_t = q_t.to(acc) * scale
+        k_t = k_t.to(acc)
+        v_t = v_t.to(acc)
         retained = a_t * S if a_t is not None else S
         if objective == "dot":
             psi = -v_t
@@ -129,7 +133,7 @@ def _scan_dense(q, k, v, beta, decay, eta, objective, p, delta, scale, s0, z0, s
             psi = _psi(e, objective, p, delta)
         update = -b_t * (k_t[..., :, None] * psi[..., None, :])
         if momentum:
-            Z = _step_gate(eta, t, acc) * Z + update
+            Z = eta_t * Z + update
             update = Z
         S = retained + update
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q_t))
