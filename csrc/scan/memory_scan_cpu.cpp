@@ -136,26 +136,36 @@ struct Unit {
   }
 
   // S ← a ⊙ S + Z with Z ← η Z − β k ψᵀ (no momentum: Z = −β k ψᵀ); o = Sᵀ q̃ when o != null.
-  RETAIN_FORCE_INLINE void update(A* __restrict S, A* __restrict Z, const A* __restrict psi, A* __restrict o) const {
+  // With `next` (the following step, already loaded), the same pass over S also forms that step's
+  // error e' = (r' ⊙ S_t)ᵀ k' − v' into e_next: one sweep of the state per step instead of two.
+  RETAIN_FORCE_INLINE void update(A* __restrict S, A* __restrict Z, const A* __restrict psi, A* __restrict o,
+                                  const Unit* next = nullptr, A* __restrict e_next = nullptr) const {
     if (Z) {
-      update_rows<true>(S, Z, psi, o);
+      if (next) update_rows<true, true>(S, Z, psi, o, next, e_next);
+      else update_rows<true, false>(S, Z, psi, o, next, e_next);
     } else {
-      update_rows<false>(S, Z, psi, o);
+      if (next) update_rows<false, true>(S, Z, psi, o, next, e_next);
+      else update_rows<false, false>(S, Z, psi, o, next, e_next);
     }
   }
 
-  template <bool kMomentum>
-  RETAIN_FORCE_INLINE void update_rows(A* __restrict S, A* __restrict Z, const A* __restrict psi,
-                                       A* __restrict o) const {
+  template <bool kMomentum, bool kNext>
+  RETAIN_FORCE_INLINE void update_rows(A* __restrict S, A* __restrict Z, const A* __restrict psi, A* __restrict o,
+                                       const Unit* next, A* __restrict e_next) const {
     const int64_t K = P.K, V = P.V;
     const A e_ = eta;
+    const A* __restrict kr_next = kNext ? next->kr.data() : nullptr;
     column_blocks<A>(V, [&](int64_t j0, auto nb) {
-      A ps[kBlock<A>], acc[kBlock<A>];
+      A ps[kBlock<A>], acc[kBlock<A>], en[kBlock<A>];
       for (int64_t j = 0; j < nb; ++j) ps[j] = psi[j0 + j], acc[j] = A(0);
+      if constexpr (kNext) {
+        for (int64_t j = 0; j < nb; ++j) en[j] = -next->vv[j0 + j];
+      }
       for (int64_t i = 0; i < K; ++i) {
         const A c = -beta * kk[i];
         const A ai = av[i];
         const A qi = qq[i];
+        const A ri = kNext ? kr_next[i] : A(0);
         A* __restrict Si = S + i * V + j0;
         if constexpr (kMomentum) {
           A* __restrict Zi = Z + i * V + j0;
@@ -166,6 +176,7 @@ struct Unit {
             const A sv = ai * Si[j] + z;
             Si[j] = sv;
             acc[j] += sv * qi;
+            if constexpr (kNext) en[j] += sv * ri;
           }
         } else {
 #pragma omp simd
@@ -173,13 +184,22 @@ struct Unit {
             const A sv = ai * Si[j] + c * ps[j];
             Si[j] = sv;
             acc[j] += sv * qi;
+            if constexpr (kNext) en[j] += sv * ri;
           }
         }
       }
       if (o) {
         for (int64_t j = 0; j < nb; ++j) o[j0 + j] = acc[j];
       }
+      if constexpr (kNext) {
+        for (int64_t j = 0; j < nb; ++j) e_next[j0 + j] = en[j];
+      }
     });
+  }
+
+  // psi from an error formed elsewhere (the fused pass of the previous step).
+  RETAIN_FORCE_INLINE void finish_error(const A* __restrict e, A* __restrict psi) const {
+    for (int64_t j = 0; j < P.V; ++j) psi[j] = obj.psi(e[j]);
   }
 
   // This unit's [N,H,K,V] state and its checkpoint c in [B,H,NC,K,V].
@@ -237,16 +257,31 @@ RETAIN_FORCE_INLINE void fwd_unit(const MemoryScanParams<T>& P, int64_t n, Works
       if (momentum) {
         if (P.initial_Z) copy_state(Z.data(), P.initial_Z + so, KV); else std::fill(Z.begin(), Z.end(), A(0));
       }
+      // cur is step t, nxt step t+1: the pass that updates S for step t also forms e of step t+1
+      Unit<T> u2(P, n);
+      Unit<T>* cur = &u;
+      Unit<T>* nxt = &u2;
+      const bool dot = static_cast<Objective>(P.objective) == Objective::Dot;
+      if (u.t0 < u.t1) {
+        u.load(u.t0);
+        u.error(S.data(), e.data(), psi.data());
+      }
       for (int64_t t = u.t0; t < u.t1; ++t) {
         if (P.ckpt_S && t % C == 0) {  // every slot c*C < T is written by the sequence holding it
           copy_state(P.ckpt_S + u.ckpt_offset(t / C), S.data(), KV);
           if (momentum) copy_state(P.ckpt_Z + u.ckpt_offset(t / C), Z.data(), KV);
         }
-        u.load(t);
-        u.error(S.data(), e.data(), psi.data());
-        u.update(S.data(), momentum ? Z.data() : nullptr, psi.data(), o.data());
+        const bool more = t + 1 < u.t1;
+        if (more) nxt->load(t + 1);
+        cur->update(S.data(), momentum ? Z.data() : nullptr, psi.data(), o.data(), more && !dot ? nxt : nullptr,
+                    e.data());
+        if (more) {
+          if (dot) nxt->error(S.data(), e.data(), psi.data());  // psi = -v: no pass over S
+          else nxt->finish_error(e.data(), psi.data());
+        }
         T* op = P.o + u.row(t) * V;
         for (int64_t j = 0; j < V; ++j) store_as(op[j], o[j]);
+        std::swap(cur, nxt);
         if (L > 0 && (t - u.t0 + 1) % L == 0) {
           const int64_t s_idx = (t - u.t0 + 1) / L - 1;
           copy_state(P.states + u.states_offset(s_idx), S.data(), KV);
