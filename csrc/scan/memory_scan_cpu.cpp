@@ -20,6 +20,12 @@ RETAIN_FORCE_INLINE void copy_state(A* __restrict dst, const A* __restrict src, 
   std::copy(src, src + n, dst);
 }
 
+// dst = src, or zeros when src is null (an optional initial state or incoming gradient).
+template <typename A>
+RETAIN_FORCE_INLINE void copy_or_zero(A* __restrict dst, const A* src, int64_t n) {
+  if (src) copy_state(dst, src, n); else std::fill(dst, dst + n, A(0));
+}
+
 // Columns of the K x V state are processed in blocks of 256 bytes whose accumulators stay in
 // vector registers across the K rows (a loop that kept them in memory would be bound by
 // store-to-load latency). Full blocks have a compile-time width, so the inner loops unroll.
@@ -249,48 +255,42 @@ RETAIN_FORCE_INLINE void fwd_unit(const MemoryScanParams<T>& P, int64_t n, Works
   std::vector<A>& e = ws.e;
   std::vector<A>& psi = ws.psi;
   std::vector<A>& o = ws.o;
-  {
-    {
-      Unit<T> u(P, n);
-      const int64_t so = u.state_offset();
-      if (P.initial_S) copy_state(S.data(), P.initial_S + so, KV); else std::fill(S.begin(), S.end(), A(0));
-      if (momentum) {
-        if (P.initial_Z) copy_state(Z.data(), P.initial_Z + so, KV); else std::fill(Z.begin(), Z.end(), A(0));
-      }
-      // cur is step t, nxt step t+1: the pass that updates S for step t also forms e of step t+1
-      Unit<T> u2(P, n);
-      Unit<T>* cur = &u;
-      Unit<T>* nxt = &u2;
-      const bool dot = static_cast<Objective>(P.objective) == Objective::Dot;
-      if (u.t0 < u.t1) {
-        u.load(u.t0);
-        u.error(S.data(), e.data(), psi.data());
-      }
-      for (int64_t t = u.t0; t < u.t1; ++t) {
-        if (P.ckpt_S && t % C == 0) {  // every slot c*C < T is written by the sequence holding it
-          copy_state(P.ckpt_S + u.ckpt_offset(t / C), S.data(), KV);
-          if (momentum) copy_state(P.ckpt_Z + u.ckpt_offset(t / C), Z.data(), KV);
-        }
-        const bool more = t + 1 < u.t1;
-        if (more) nxt->load(t + 1);
-        cur->update(S.data(), momentum ? Z.data() : nullptr, psi.data(), o.data(), more && !dot ? nxt : nullptr,
-                    e.data());
-        if (more) {
-          if (dot) nxt->error(S.data(), e.data(), psi.data());  // psi = -v: no pass over S
-          else nxt->finish_error(e.data(), psi.data());
-        }
-        T* op = P.o + u.row(t) * V;
-        for (int64_t j = 0; j < V; ++j) store_as(op[j], o[j]);
-        std::swap(cur, nxt);
-        if (L > 0 && (t - u.t0 + 1) % L == 0) {
-          const int64_t s_idx = (t - u.t0 + 1) / L - 1;
-          copy_state(P.states + u.states_offset(s_idx), S.data(), KV);
-        }
-      }
-      if (P.final_S) copy_state(P.final_S + so, S.data(), KV);
-      if (P.final_Z && momentum) copy_state(P.final_Z + so, Z.data(), KV);
+  Unit<T> u(P, n);
+  const int64_t so = u.state_offset();
+  copy_or_zero(S.data(), P.initial_S ? P.initial_S + so : nullptr, KV);
+  if (momentum) copy_or_zero(Z.data(), P.initial_Z ? P.initial_Z + so : nullptr, KV);
+  // cur is step t, nxt step t+1: the pass that updates S for step t also forms e of step t+1
+  Unit<T> u2(P, n);
+  Unit<T>* cur = &u;
+  Unit<T>* nxt = &u2;
+  const bool dot = static_cast<Objective>(P.objective) == Objective::Dot;
+  if (u.t0 < u.t1) {
+    u.load(u.t0);
+    u.error(S.data(), e.data(), psi.data());
+  }
+  for (int64_t t = u.t0; t < u.t1; ++t) {
+    if (P.ckpt_S && t % C == 0) {  // every slot c*C < T is written by the sequence holding it
+      copy_state(P.ckpt_S + u.ckpt_offset(t / C), S.data(), KV);
+      if (momentum) copy_state(P.ckpt_Z + u.ckpt_offset(t / C), Z.data(), KV);
+    }
+    const bool more = t + 1 < u.t1;
+    if (more) nxt->load(t + 1);
+    cur->update(S.data(), momentum ? Z.data() : nullptr, psi.data(), o.data(), more && !dot ? nxt : nullptr,
+                e.data());
+    if (more) {
+      if (dot) nxt->error(S.data(), e.data(), psi.data());  // psi = -v: no pass over S
+      else nxt->finish_error(e.data(), psi.data());
+    }
+    T* op = P.o + u.row(t) * V;
+    for (int64_t j = 0; j < V; ++j) store_as(op[j], o[j]);
+    std::swap(cur, nxt);
+    if (L > 0 && (t - u.t0 + 1) % L == 0) {
+      const int64_t s_idx = (t - u.t0 + 1) / L - 1;
+      copy_state(P.states + u.states_offset(s_idx), S.data(), KV);
     }
   }
+  if (P.final_S) copy_state(P.final_S + so, S.data(), KV);
+  if (P.final_Z && momentum) copy_state(P.final_Z + so, Z.data(), KV);
 }
 
 // The backward of one (sequence, head) unit.
@@ -315,171 +315,162 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
   std::vector<A>& dqq = ws.dqq;
   std::vector<A>& da = ws.da;
   std::vector<A>& go = ws.go;
-  {
-    {
-      Unit<T> u(P, n);
-      const int64_t so = u.state_offset();
-      if (G.grad_final_S) copy_state(dS.data(), G.grad_final_S + so, KV); else std::fill(dS.begin(), dS.end(), A(0));
-      if (momentum) {
-        if (G.grad_final_Z) copy_state(dZ.data(), G.grad_final_Z + so, KV); else std::fill(dZ.begin(), dZ.end(), A(0));
-      }
-      int64_t ce = u.t1;
-      while (ce > u.t0) {
-        const int64_t cs = std::max(u.t0, ((ce - 1) / C) * C);
-        const int64_t len = ce - cs;
-        // recompute the chunk's states from its checkpoint (or the initial state)
-        A* S0 = Sbuf.data();
-        if (cs == u.t0) {
-          if (P.initial_S) copy_state(S0, P.initial_S + so, KV); else std::fill(S0, S0 + KV, A(0));
-          if (momentum) {
-            if (P.initial_Z) copy_state(Zbuf.data(), P.initial_Z + so, KV);
-            else std::fill(Zbuf.data(), Zbuf.data() + KV, A(0));
-          }
-        } else {
-          copy_state(S0, P.ckpt_S + u.ckpt_offset(cs / C), KV);
-          if (momentum) copy_state(Zbuf.data(), P.ckpt_Z + u.ckpt_offset(cs / C), KV);
-        }
-        for (int64_t i = 0; i < len; ++i) {
-          A* Snext = Sbuf.data() + (i + 1) * KV;
-          copy_state(Snext, Sbuf.data() + i * KV, KV);
-          A* Znext = nullptr;
-          if (momentum) {
-            Znext = Zbuf.data() + (i + 1) * KV;
-            copy_state(Znext, Zbuf.data() + i * KV, KV);
-          }
-          u.load(cs + i);
-          u.error(Sbuf.data() + i * KV, ebuf.data() + i * V, psibuf.data() + i * V);
-          u.update(Snext, Znext, psibuf.data() + i * V, nullptr);
-        }
-        // walk the chunk backwards
-        for (int64_t i = len - 1; i >= 0; --i) {
-          const int64_t t = cs + i;
-          const int64_t r = u.row(t);
-          u.load(t);
-          const A* Sprev = Sbuf.data() + i * KV;
-          const A* Scur = Sbuf.data() + (i + 1) * KV;
-          const A* Zprev = momentum ? Zbuf.data() + i * KV : nullptr;
-          const A* __restrict e = ebuf.data() + i * V;
-          const A* __restrict psi = psibuf.data() + i * V;
-          if (L > 0 && G.grad_states && (t - u.t0 + 1) % L == 0) {
-            const int64_t s_idx = (t - u.t0 + 1) / L - 1;
-            const A* gs = G.grad_states + u.states_offset(s_idx);
-            for (int64_t x = 0; x < KV; ++x) dS[x] += gs[x];
-          }
-          A* __restrict gov = go.data();
-          A* __restrict wv = w.data();
-          for (int64_t j = 0; j < V; ++j) gov[j] = load_as<A>(G.grad_o[r * V + j]), wv[j] = A(0);
-          // pass A: o_t = S_tᵀ q̃ feeds dS and dq̃; dZ_t = dS_t (+ the momentum carry)
-          A deta = 0;
-          for (int64_t i2 = 0; i2 < K; ++i2) {
-            A* __restrict dSi = dS.data() + i2 * V;
-            const A* __restrict Si = Scur + i2 * V;
-            const A qi = u.qq[i2];
-            const A ki = u.kk[i2];
-            A* __restrict dZti = momentum ? dZt.data() + i2 * V : nullptr;
-            A* __restrict dZci = momentum ? dZ.data() + i2 * V : nullptr;
-            const A* __restrict Zpi = momentum ? Zprev + i2 * V : nullptr;
-            A pq[kBlock<A>] = {}, pk[kBlock<A>] = {}, pe[kBlock<A>] = {};  // per-lane partial sums
-            column_blocks<A>(V, [&](int64_t j0, auto nb) {
-              if (momentum) {
-#pragma omp simd
-                for (int64_t j = 0; j < nb; ++j) {
-                  const A ds = dSi[j0 + j] + qi * gov[j0 + j];
-                  dSi[j0 + j] = ds;
-                  pq[j] += Si[j0 + j] * gov[j0 + j];
-                  const A dz = ds + dZci[j0 + j];
-                  dZti[j0 + j] = dz;
-                  pe[j] += dz * Zpi[j0 + j];
-                  dZci[j0 + j] = u.eta * dz;
-                  wv[j0 + j] += dz * ki;
-                  pk[j] += dz * psi[j0 + j];
-                }
-              } else {
-#pragma omp simd
-                for (int64_t j = 0; j < nb; ++j) {
-                  const A ds = dSi[j0 + j] + qi * gov[j0 + j];
-                  dSi[j0 + j] = ds;
-                  pq[j] += Si[j0 + j] * gov[j0 + j];
-                  wv[j0 + j] += ds * ki;
-                  pk[j] += ds * psi[j0 + j];
-                }
-              }
-            });
-            dqq[i2] = lane_sum(pq);
-            dkk[i2] = -u.beta * lane_sum(pk);
-            if (momentum) deta += lane_sum(pe);
-          }
-          // psi's gradient, beta's, and through psi(e) to e and v
-          A dbeta = 0;
-          T* gv = G.grad_v + r * V;
-          for (int64_t j = 0; j < V; ++j) {
-            const A dpsi = -u.beta * w[j];
-            dbeta -= psi[j] * w[j];
-            if (dot) {
-              de[j] = A(0);
-              store_as(gv[j], -dpsi);
-            } else {
-              de[j] = u.obj.dpsi(e[j]) * dpsi;
-              store_as(gv[j], -de[j]);
-            }
-          }
-          // pass B: e = (r ⊙ S_{t-1})ᵀ k − v and S_t = a ⊙ S_{t-1} + Z_t, back to S_{t-1}, k and a
-          const A* __restrict dev = de.data();
-          for (int64_t i2 = 0; i2 < K; ++i2) {
-            A* __restrict dSi = dS.data() + i2 * V;
-            const A* __restrict Spi = Sprev + i2 * V;
-            const A ai = u.av[i2];
-            const A rk = P.retention_first ? ai : A(1);
-            const A c = rk * u.kk[i2];
-            A psd[kBlock<A>] = {}, pda[kBlock<A>] = {};
-            column_blocks<A>(V, [&](int64_t j0, auto nb) {
-#pragma omp simd
-              for (int64_t j = 0; j < nb; ++j) {
-                psd[j] += Spi[j0 + j] * dev[j0 + j];
-                pda[j] += dSi[j0 + j] * Spi[j0 + j];
-                dSi[j0 + j] = ai * dSi[j0 + j] + c * dev[j0 + j];
-              }
-            });
-            const A sd = lane_sum(psd);
-            dkk[i2] += rk * sd;
-            da[i2] = lane_sum(pda) + (P.retention_first ? u.kk[i2] * sd : A(0));
-          }
-          // to the raw inputs: gates in log space, l2-normalised q and k
-          if (G.grad_g) {
-            if (static_cast<GateKind>(P.gate_kind) == GateKind::PerHead) {
-              A s = 0;
-              for (int64_t i2 = 0; i2 < K; ++i2) s += da[i2];
-              store_as(G.grad_g[r], s * u.dretention(u.av[0]));
-            } else {
-              for (int64_t i2 = 0; i2 < K; ++i2) store_as(G.grad_g[r * K + i2], da[i2] * u.dretention(u.av[i2]));
-            }
-          }
-          store_as(G.grad_beta[r], dbeta);
-          if (G.grad_eta) store_as(G.grad_eta[r], momentum ? deta : A(0));
-          // q̃ = scale · q · rstd(q): dq = scale · rstd · (dq̃' − q̂ (q̂·dq̃')) with q̂ = q · rstd
-          A qdot = 0, kdot = 0;
-          for (int64_t i2 = 0; i2 < K; ++i2) {
-            qdot += u.qnorm_in[i2] * u.q_rstd * dqq[i2];
-            kdot += u.knorm_in[i2] * u.k_rstd * dkk[i2];
-          }
-          T* gq = G.grad_q + r * K;
-          T* gk = G.grad_k + r * K;
-          for (int64_t i2 = 0; i2 < K; ++i2) {
-            A dq = dqq[i2], dk = dkk[i2];
-            if (P.l2norm) {
-              dq = u.q_rstd * (dq - u.qnorm_in[i2] * u.q_rstd * qdot);
-              dk = u.k_rstd * (dk - u.knorm_in[i2] * u.k_rstd * kdot);
-            }
-            store_as(gq[i2], dq * P.scale);
-            store_as(gk[i2], dk);
-          }
-        }
-        ce = cs;
-      }
-      if (G.grad_initial_S) copy_state(G.grad_initial_S + so, dS.data(), KV);
-      if (G.grad_initial_Z && momentum) copy_state(G.grad_initial_Z + so, dZ.data(), KV);
+  Unit<T> u(P, n);
+  const int64_t so = u.state_offset();
+  copy_or_zero(dS.data(), G.grad_final_S ? G.grad_final_S + so : nullptr, KV);
+  if (momentum) copy_or_zero(dZ.data(), G.grad_final_Z ? G.grad_final_Z + so : nullptr, KV);
+  int64_t ce = u.t1;
+  while (ce > u.t0) {
+    const int64_t cs = std::max(u.t0, ((ce - 1) / C) * C);
+    const int64_t len = ce - cs;
+    // recompute the chunk's states from its checkpoint (or the initial state)
+    A* S0 = Sbuf.data();
+    if (cs == u.t0) {
+      copy_or_zero(S0, P.initial_S ? P.initial_S + so : nullptr, KV);
+      if (momentum) copy_or_zero(Zbuf.data(), P.initial_Z ? P.initial_Z + so : nullptr, KV);
+    } else {
+      copy_state(S0, P.ckpt_S + u.ckpt_offset(cs / C), KV);
+      if (momentum) copy_state(Zbuf.data(), P.ckpt_Z + u.ckpt_offset(cs / C), KV);
     }
+    for (int64_t i = 0; i < len; ++i) {
+      A* Snext = Sbuf.data() + (i + 1) * KV;
+      copy_state(Snext, Sbuf.data() + i * KV, KV);
+      A* Znext = nullptr;
+      if (momentum) {
+        Znext = Zbuf.data() + (i + 1) * KV;
+        copy_state(Znext, Zbuf.data() + i * KV, KV);
+      }
+      u.load(cs + i);
+      u.error(Sbuf.data() + i * KV, ebuf.data() + i * V, psibuf.data() + i * V);
+      u.update(Snext, Znext, psibuf.data() + i * V, nullptr);
+    }
+    // walk the chunk backwards
+    for (int64_t i = len - 1; i >= 0; --i) {
+      const int64_t t = cs + i;
+      const int64_t r = u.row(t);
+      u.load(t);
+      const A* Sprev = Sbuf.data() + i * KV;
+      const A* Scur = Sbuf.data() + (i + 1) * KV;
+      const A* Zprev = momentum ? Zbuf.data() + i * KV : nullptr;
+      const A* __restrict e = ebuf.data() + i * V;
+      const A* __restrict psi = psibuf.data() + i * V;
+      if (L > 0 && G.grad_states && (t - u.t0 + 1) % L == 0) {
+        const int64_t s_idx = (t - u.t0 + 1) / L - 1;
+        const A* gs = G.grad_states + u.states_offset(s_idx);
+        for (int64_t x = 0; x < KV; ++x) dS[x] += gs[x];
+      }
+      A* __restrict gov = go.data();
+      A* __restrict wv = w.data();
+      for (int64_t j = 0; j < V; ++j) gov[j] = load_as<A>(G.grad_o[r * V + j]), wv[j] = A(0);
+      // pass A: o_t = S_tᵀ q̃ feeds dS and dq̃; dZ_t = dS_t (+ the momentum carry)
+      A deta = 0;
+      for (int64_t i2 = 0; i2 < K; ++i2) {
+        A* __restrict dSi = dS.data() + i2 * V;
+        const A* __restrict Si = Scur + i2 * V;
+        const A qi = u.qq[i2];
+        const A ki = u.kk[i2];
+        A* __restrict dZti = momentum ? dZt.data() + i2 * V : nullptr;
+        A* __restrict dZci = momentum ? dZ.data() + i2 * V : nullptr;
+        const A* __restrict Zpi = momentum ? Zprev + i2 * V : nullptr;
+        A pq[kBlock<A>] = {}, pk[kBlock<A>] = {}, pe[kBlock<A>] = {};  // per-lane partial sums
+        column_blocks<A>(V, [&](int64_t j0, auto nb) {
+          if (momentum) {
+#pragma omp simd
+            for (int64_t j = 0; j < nb; ++j) {
+              const A ds = dSi[j0 + j] + qi * gov[j0 + j];
+              dSi[j0 + j] = ds;
+              pq[j] += Si[j0 + j] * gov[j0 + j];
+              const A dz = ds + dZci[j0 + j];
+              dZti[j0 + j] = dz;
+              pe[j] += dz * Zpi[j0 + j];
+              dZci[j0 + j] = u.eta * dz;
+              wv[j0 + j] += dz * ki;
+              pk[j] += dz * psi[j0 + j];
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < nb; ++j) {
+              const A ds = dSi[j0 + j] + qi * gov[j0 + j];
+              dSi[j0 + j] = ds;
+              pq[j] += Si[j0 + j] * gov[j0 + j];
+              wv[j0 + j] += ds * ki;
+              pk[j] += ds * psi[j0 + j];
+            }
+          }
+        });
+        dqq[i2] = lane_sum(pq);
+        dkk[i2] = -u.beta * lane_sum(pk);
+        if (momentum) deta += lane_sum(pe);
+      }
+      // psi's gradient, beta's, and through psi(e) to e and v
+      A dbeta = 0;
+      T* gv = G.grad_v + r * V;
+      for (int64_t j = 0; j < V; ++j) {
+        const A dpsi = -u.beta * w[j];
+        dbeta -= psi[j] * w[j];
+        if (dot) {
+          de[j] = A(0);
+          store_as(gv[j], -dpsi);
+        } else {
+          de[j] = u.obj.dpsi(e[j]) * dpsi;
+          store_as(gv[j], -de[j]);
+        }
+      }
+      // pass B: e = (r ⊙ S_{t-1})ᵀ k − v and S_t = a ⊙ S_{t-1} + Z_t, back to S_{t-1}, k and a
+      const A* __restrict dev = de.data();
+      for (int64_t i2 = 0; i2 < K; ++i2) {
+        A* __restrict dSi = dS.data() + i2 * V;
+        const A* __restrict Spi = Sprev + i2 * V;
+        const A ai = u.av[i2];
+        const A rk = P.retention_first ? ai : A(1);
+        const A c = rk * u.kk[i2];
+        A psd[kBlock<A>] = {}, pda[kBlock<A>] = {};
+        column_blocks<A>(V, [&](int64_t j0, auto nb) {
+#pragma omp simd
+          for (int64_t j = 0; j < nb; ++j) {
+            psd[j] += Spi[j0 + j] * dev[j0 + j];
+            pda[j] += dSi[j0 + j] * Spi[j0 + j];
+            dSi[j0 + j] = ai * dSi[j0 + j] + c * dev[j0 + j];
+          }
+        });
+        const A sd = lane_sum(psd);
+        dkk[i2] += rk * sd;
+        da[i2] = lane_sum(pda) + (P.retention_first ? u.kk[i2] * sd : A(0));
+      }
+      // to the raw inputs: gates in log space, l2-normalised q and k
+      if (G.grad_g) {
+        if (static_cast<GateKind>(P.gate_kind) == GateKind::PerHead) {
+          A s = 0;
+          for (int64_t i2 = 0; i2 < K; ++i2) s += da[i2];
+          store_as(G.grad_g[r], s * u.dretention(u.av[0]));
+        } else {
+          for (int64_t i2 = 0; i2 < K; ++i2) store_as(G.grad_g[r * K + i2], da[i2] * u.dretention(u.av[i2]));
+        }
+      }
+      store_as(G.grad_beta[r], dbeta);
+      if (G.grad_eta) store_as(G.grad_eta[r], momentum ? deta : A(0));
+      // q̃ = scale · q · rstd(q): dq = scale · rstd · (dq̃' − q̂ (q̂·dq̃')) with q̂ = q · rstd
+      A qdot = 0, kdot = 0;
+      for (int64_t i2 = 0; i2 < K; ++i2) {
+        qdot += u.qnorm_in[i2] * u.q_rstd * dqq[i2];
+        kdot += u.knorm_in[i2] * u.k_rstd * dkk[i2];
+      }
+      T* gq = G.grad_q + r * K;
+      T* gk = G.grad_k + r * K;
+      for (int64_t i2 = 0; i2 < K; ++i2) {
+        A dq = dqq[i2], dk = dkk[i2];
+        if (P.l2norm) {
+          dq = u.q_rstd * (dq - u.qnorm_in[i2] * u.q_rstd * qdot);
+          dk = u.k_rstd * (dk - u.knorm_in[i2] * u.k_rstd * kdot);
+        }
+        store_as(gq[i2], dq * P.scale);
+        store_as(gk[i2], dk);
+      }
+    }
+    ce = cs;
   }
+  if (G.grad_initial_S) copy_state(G.grad_initial_S + so, dS.data(), KV);
+  if (G.grad_initial_Z && momentum) copy_state(G.grad_initial_Z + so, dZ.data(), KV);
 }
 
 // One clone per instruction set (common/isa.h): the unit bodies above are force-inlined into each.
