@@ -48,6 +48,40 @@ RETAIN_FORCE_INLINE A lane_sum(const A (&part)[kBlock<A>]) {
   return s;
 }
 
+RETAIN_FORCE_INLINE void prefetch_bytes(const void* p, int64_t bytes, bool for_write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (for_write) __builtin_prefetch(c + off, 1, 3); else __builtin_prefetch(c + off, 0, 3);
+  }
+}
+
+// 64-byte vectors (GCC/Clang vector extensions) for accumulators that must stay in registers
+// across the K rows: arrays of scalars are spilled to the stack by the compiler, and the
+// store-to-load round trip then bounds the loop.
+template <typename A>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef float unaligned __attribute__((vector_size(64), aligned(4)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  typedef double unaligned __attribute__((vector_size(64), aligned(8)));
+};
+template <typename A>
+constexpr int64_t kLanes = 64 / sizeof(A);
+
+template <typename A>
+RETAIN_FORCE_INLINE typename Vec<A>::type vload(const A* p) {
+  return *reinterpret_cast<const typename Vec<A>::unaligned*>(p);
+}
+template <typename A>
+RETAIN_FORCE_INLINE void vstore(A* p, typename Vec<A>::type v) {
+  *reinterpret_cast<typename Vec<A>::unaligned*>(p) = v;
+}
+
 // One (sequence, head) pair's view of the inputs and the per-step vectors they load into.
 template <typename T>
 struct Unit {
@@ -74,33 +108,74 @@ struct Unit {
   // Loads step t: normalised and scaled q, normalised k, v, beta, eta and the retention a.
   RETAIN_FORCE_INLINE void load(int64_t t) {
     const int64_t r = row(t), K = P.K, V = P.V;
-    const T* qp = P.q + r * K;
-    const T* kp = P.k + r * K;
-    const T* vp = P.v + r * V;
+    const T* __restrict qp = P.q + r * K;
+    const T* __restrict kp = P.k + r * K;
+    const T* __restrict vp = P.v + r * V;
+    // local restrict pointers: the vectors' storage cannot alias P or each other
+    A* __restrict qn = qnorm_in.data();
+    A* __restrict kn = knorm_in.data();
+    A* __restrict q_ = qq.data();
+    A* __restrict k_ = kk.data();
+    A* __restrict v_ = vv.data();
+    A* __restrict a_ = av.data();
+    A* __restrict kr_ = kr.data();
     A qs = 0, ks = 0;
+#pragma omp simd reduction(+ : qs, ks)
     for (int64_t i = 0; i < K; ++i) {
-      qnorm_in[i] = load_as<A>(qp[i]);
-      knorm_in[i] = load_as<A>(kp[i]);
-      qs += qnorm_in[i] * qnorm_in[i];
-      ks += knorm_in[i] * knorm_in[i];
+      qn[i] = load_as<A>(qp[i]);
+      kn[i] = load_as<A>(kp[i]);
+      qs += qn[i] * qn[i];
+      ks += kn[i] * kn[i];
     }
-    q_rstd = P.l2norm ? A(1) / std::sqrt(qs + A(1e-6)) : A(1);
-    k_rstd = P.l2norm ? A(1) / std::sqrt(ks + A(1e-6)) : A(1);
+    const bool l2norm = P.l2norm;
+    q_rstd = l2norm ? A(1) / std::sqrt(qs + A(1e-6)) : A(1);
+    k_rstd = l2norm ? A(1) / std::sqrt(ks + A(1e-6)) : A(1);
+    const A qscale = q_rstd * static_cast<A>(P.scale), kscale = k_rstd;
+#pragma omp simd
     for (int64_t i = 0; i < K; ++i) {
-      qq[i] = qnorm_in[i] * q_rstd * P.scale;
-      kk[i] = knorm_in[i] * k_rstd;
+      q_[i] = qn[i] * qscale;
+      k_[i] = kn[i] * kscale;
     }
-    for (int64_t j = 0; j < V; ++j) vv[j] = load_as<A>(vp[j]);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) v_[j] = load_as<A>(vp[j]);
     beta = load_as<A>(P.beta[r]);
     eta = P.momentum ? load_as<A>(P.eta[r]) : A(0);
     switch (static_cast<GateKind>(P.gate_kind)) {
-      case GateKind::None: std::fill(av.begin(), av.end(), A(1)); break;
-      case GateKind::PerHead: std::fill(av.begin(), av.end(), retention(load_as<A>(P.g[r]))); break;
+      case GateKind::None: std::fill(a_, a_ + K, A(1)); break;
+      case GateKind::PerHead: std::fill(a_, a_ + K, retention(load_as<A>(P.g[r]))); break;
       case GateKind::PerKey:
-        for (int64_t i = 0; i < K; ++i) av[i] = retention(load_as<A>(P.g[r * K + i]));
+        for (int64_t i = 0; i < K; ++i) a_[i] = retention(load_as<A>(P.g[r * K + i]));
         break;
     }
-    for (int64_t i = 0; i < K; ++i) kr[i] = P.retention_first ? kk[i] * av[i] : kk[i];
+    if (P.retention_first) {
+#pragma omp simd
+      for (int64_t i = 0; i < K; ++i) kr_[i] = k_[i] * a_[i];
+    } else {
+      std::copy(k_, k_ + K, kr_);
+    }
+  }
+
+  // Requests step t's rows of q, k, v and o ahead of use: with H > 1 a unit's rows are strided
+  // (one in H), which the hardware prefetchers follow late.
+  RETAIN_FORCE_INLINE void prefetch(int64_t t) const {
+    const int64_t r = row(t);
+    prefetch_bytes(P.q + r * P.K, P.K * int64_t{sizeof(T)}, false);
+    prefetch_bytes(P.k + r * P.K, P.K * int64_t{sizeof(T)}, false);
+    prefetch_bytes(P.v + r * P.V, P.V * int64_t{sizeof(T)}, false);
+    if (P.o) prefetch_bytes(P.o + r * P.V, P.V * int64_t{sizeof(T)}, true);
+  }
+
+  // The backward's rows of step t: inputs again, the incoming gradient, the gradients it writes.
+  RETAIN_FORCE_INLINE void prefetch_grads(const MemoryScanGrads<T>& G, int64_t t) const {
+    const int64_t r = row(t);
+    const int64_t kb = P.K * int64_t{sizeof(T)}, vb = P.V * int64_t{sizeof(T)};
+    prefetch_bytes(P.q + r * P.K, kb, false);
+    prefetch_bytes(P.k + r * P.K, kb, false);
+    prefetch_bytes(P.v + r * P.V, vb, false);
+    prefetch_bytes(G.grad_o + r * P.V, vb, false);
+    prefetch_bytes(G.grad_q + r * P.K, kb, true);
+    prefetch_bytes(G.grad_k + r * P.K, kb, true);
+    prefetch_bytes(G.grad_v + r * P.V, vb, true);
   }
 
   // a_t from the gate input: exp(g) for log-space gates, the factor itself otherwise.
@@ -162,6 +237,10 @@ struct Unit {
     const A e_ = eta;
     const A* __restrict kr_next = kNext ? next->kr.data() : nullptr;
     column_blocks<A>(V, [&](int64_t j0, auto nb) {
+      if constexpr (!std::is_same_v<decltype(nb), int64_t>) {  // a full block: vector registers
+        update_block<kMomentum, kNext>(S, Z, psi, o, next, e_next, j0);
+        return;
+      }
       A ps[kBlock<A>], acc[kBlock<A>], en[kBlock<A>];
       for (int64_t j = 0; j < nb; ++j) ps[j] = psi[j0 + j], acc[j] = A(0);
       if constexpr (kNext) {
@@ -203,9 +282,54 @@ struct Unit {
     });
   }
 
+  // update_rows on one full block of columns [j0, j0 + kBlock), its accumulators in registers.
+  template <bool kMomentum, bool kNext>
+  RETAIN_FORCE_INLINE void update_block(A* __restrict S, A* __restrict Z, const A* __restrict psi,
+                                        A* __restrict o, const Unit* next, A* __restrict e_next, int64_t j0) const {
+    using VT = typename Vec<A>::type;
+    constexpr int64_t L = kLanes<A>, NV = kBlock<A> / kLanes<A>;
+    const int64_t K = P.K, V = P.V;
+    VT ps[NV], acc[NV], en[NV];
+    for (int64_t b = 0; b < NV; ++b) {
+      ps[b] = vload(psi + j0 + b * L);
+      acc[b] = VT{};
+      if constexpr (kNext) en[b] = -vload(next->vv.data() + j0 + b * L);
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      const A c = -beta * kk[i];
+      const A ai = av[i];
+      const A qi = qq[i];
+      const A ri = kNext ? next->kr[i] : A(0);
+      A* __restrict Si = S + i * V + j0;
+      for (int64_t b = 0; b < NV; ++b) {
+        VT sv;
+        if constexpr (kMomentum) {
+          A* __restrict Zi = Z + i * V + j0;
+          const VT z = eta * vload(Zi + b * L) + c * ps[b];
+          vstore(Zi + b * L, z);
+          sv = ai * vload(Si + b * L) + z;
+        } else {
+          sv = ai * vload(Si + b * L) + c * ps[b];
+        }
+        vstore(Si + b * L, sv);
+        acc[b] += sv * qi;
+        if constexpr (kNext) en[b] += sv * ri;
+      }
+    }
+    for (int64_t b = 0; b < NV; ++b) {
+      if (o) vstore(o + j0 + b * L, acc[b]);
+      if constexpr (kNext) vstore(e_next + j0 + b * L, en[b]);
+    }
+  }
+
   // psi from an error formed elsewhere (the fused pass of the previous step).
   RETAIN_FORCE_INLINE void finish_error(const A* __restrict e, A* __restrict psi) const {
-    for (int64_t j = 0; j < P.V; ++j) psi[j] = obj.psi(e[j]);
+    const int64_t V = P.V;
+    if (static_cast<Objective>(P.objective) == Objective::L2) {
+      std::copy(e, e + V, psi);  // the delta rule: psi = e
+      return;
+    }
+    for (int64_t j = 0; j < V; ++j) psi[j] = obj.psi(e[j]);
   }
 
   // This unit's [N,H,K,V] state and its checkpoint c in [B,H,NC,K,V].
@@ -274,6 +398,7 @@ RETAIN_FORCE_INLINE void fwd_unit(const MemoryScanParams<T>& P, int64_t n, Works
       if (momentum) copy_state(P.ckpt_Z + u.ckpt_offset(t / C), Z.data(), KV);
     }
     const bool more = t + 1 < u.t1;
+    if (t + 2 < u.t1) u.prefetch(t + 2);
     if (more) nxt->load(t + 1);
     cur->update(S.data(), momentum ? Z.data() : nullptr, psi.data(), o.data(), more && !dot ? nxt : nullptr,
                 e.data());
@@ -340,6 +465,7 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
         Znext = Zbuf.data() + (i + 1) * KV;
         copy_state(Znext, Zbuf.data() + i * KV, KV);
       }
+      if (i + 2 < len) u.prefetch(cs + i + 2);
       u.load(cs + i);
       u.error(Sbuf.data() + i * KV, ebuf.data() + i * V, psibuf.data() + i * V);
       u.update(Snext, Znext, psibuf.data() + i * V, nullptr);
@@ -347,6 +473,7 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
     // walk the chunk backwards
     for (int64_t i = len - 1; i >= 0; --i) {
       const int64_t t = cs + i;
+      if (i >= 2) u.prefetch_grads(G, t - 2);
       const int64_t r = u.row(t);
       u.load(t);
       const A* Sprev = Sbuf.data() + i * KV;
