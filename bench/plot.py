@@ -53,7 +53,12 @@ def plot_report(report: dict, out: str, op: str | None = None, title: str | None
         ax.set_title(direction)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("median time per call (ms)")
-    axes[1].legend(loc="upper left", fontsize=8)
+    # one legend for both panels: an implementation may run in only one direction (numba: fwd)
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[1].legend(handles.values(), handles.keys(), loc="upper left", fontsize=8)
     shape = {k: v for k, v in results[0]["params"].items() if k not in ("T", "compile_chunk")} if results else {}
     m, cfg = report.get("machine", {}), report.get("config", {})
     fig.suptitle(title or (
