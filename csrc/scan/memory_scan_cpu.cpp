@@ -39,15 +39,6 @@ RETAIN_FORCE_INLINE void column_blocks(int64_t V, F&& f) {
   if (j0 < V) f(j0, V - j0);
 }
 
-// Sum of a block of per-lane partial sums (a reduction the compiler vectorises: this file is
-// built with -fassociative-math).
-template <typename A>
-RETAIN_FORCE_INLINE A lane_sum(const A (&part)[kBlock<A>]) {
-  A s = 0;
-  for (int64_t l = 0; l < kBlock<A>; ++l) s += part[l];
-  return s;
-}
-
 RETAIN_FORCE_INLINE void prefetch_bytes(const void* p, int64_t bytes, bool for_write) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) {
@@ -80,6 +71,13 @@ RETAIN_FORCE_INLINE typename Vec<A>::type vload(const A* p) {
 template <typename A>
 RETAIN_FORCE_INLINE void vstore(A* p, typename Vec<A>::type v) {
   *reinterpret_cast<typename Vec<A>::unaligned*>(p) = v;
+}
+
+template <typename A>
+RETAIN_FORCE_INLINE A vsum(typename Vec<A>::type v) {
+  A s = 0;
+  for (int64_t l = 0; l < kLanes<A>; ++l) s += v[l];
+  return s;
 }
 
 // One (sequence, head) pair's view of the inputs and the per-step vectors they load into.
@@ -489,46 +487,74 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
       A* __restrict gov = go.data();
       A* __restrict wv = w.data();
       for (int64_t j = 0; j < V; ++j) gov[j] = load_as<A>(G.grad_o[r * V + j]), wv[j] = A(0);
-      // pass A: o_t = S_tᵀ q̃ feeds dS and dq̃; dZ_t = dS_t (+ the momentum carry)
+      // pass A: o_t = S_tᵀ q̃ feeds dS and dq̃; dZ_t = dS_t (+ the momentum carry). Columns
+      // outer, rows inner, so w = dZ_tᵀ k stays in registers across the rows of a full block.
       A deta = 0;
-      for (int64_t i2 = 0; i2 < K; ++i2) {
-        A* __restrict dSi = dS.data() + i2 * V;
-        const A* __restrict Si = Scur + i2 * V;
-        const A qi = u.qq[i2];
-        const A ki = u.kk[i2];
-        A* __restrict dZti = momentum ? dZt.data() + i2 * V : nullptr;
-        A* __restrict dZci = momentum ? dZ.data() + i2 * V : nullptr;
-        const A* __restrict Zpi = momentum ? Zprev + i2 * V : nullptr;
-        A pq[kBlock<A>] = {}, pk[kBlock<A>] = {}, pe[kBlock<A>] = {};  // per-lane partial sums
-        column_blocks<A>(V, [&](int64_t j0, auto nb) {
-          if (momentum) {
-#pragma omp simd
-            for (int64_t j = 0; j < nb; ++j) {
-              const A ds = dSi[j0 + j] + qi * gov[j0 + j];
-              dSi[j0 + j] = ds;
-              pq[j] += Si[j0 + j] * gov[j0 + j];
-              const A dz = ds + dZci[j0 + j];
-              dZti[j0 + j] = dz;
-              pe[j] += dz * Zpi[j0 + j];
-              dZci[j0 + j] = u.eta * dz;
-              wv[j0 + j] += dz * ki;
-              pk[j] += dz * psi[j0 + j];
-            }
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < nb; ++j) {
-              const A ds = dSi[j0 + j] + qi * gov[j0 + j];
-              dSi[j0 + j] = ds;
-              pq[j] += Si[j0 + j] * gov[j0 + j];
-              wv[j0 + j] += ds * ki;
-              pk[j] += ds * psi[j0 + j];
-            }
+      std::fill(dqq.begin(), dqq.end(), A(0));
+      std::fill(dkk.begin(), dkk.end(), A(0));
+      column_blocks<A>(V, [&](int64_t j0, auto nb) {
+        if constexpr (!std::is_same_v<decltype(nb), int64_t>) {
+          using VT = typename Vec<A>::type;
+          constexpr int64_t Lv = kLanes<A>, NV = kBlock<A> / kLanes<A>;
+          VT gv[NV], pv[NV], wb[NV], ev = VT{};
+          for (int64_t b = 0; b < NV; ++b) {
+            gv[b] = vload(gov + j0 + b * Lv);
+            pv[b] = vload(psi + j0 + b * Lv);
+            wb[b] = VT{};
           }
-        });
-        dqq[i2] = lane_sum(pq);
-        dkk[i2] = -u.beta * lane_sum(pk);
-        if (momentum) deta += lane_sum(pe);
-      }
+          for (int64_t i2 = 0; i2 < K; ++i2) {
+            A* __restrict dSi = dS.data() + i2 * V + j0;
+            const A* __restrict Si = Scur + i2 * V + j0;
+            const A qi = u.qq[i2];
+            const A ki = u.kk[i2];
+            VT pq = VT{}, pk = VT{};
+            for (int64_t b = 0; b < NV; ++b) {
+              const VT ds = vload(dSi + b * Lv) + qi * gv[b];
+              vstore(dSi + b * Lv, ds);
+              pq += vload(Si + b * Lv) * gv[b];
+              VT dz = ds;
+              if (momentum) {
+                A* __restrict dZci = dZ.data() + i2 * V + j0;
+                dz = ds + vload(dZci + b * Lv);
+                vstore(dZt.data() + i2 * V + j0 + b * Lv, dz);
+                ev += dz * vload(Zprev + i2 * V + j0 + b * Lv);
+                vstore(dZci + b * Lv, u.eta * dz);
+              }
+              wb[b] += dz * ki;
+              pk += dz * pv[b];
+            }
+            dqq[i2] += vsum<A>(pq);
+            dkk[i2] += vsum<A>(pk);
+          }
+          for (int64_t b = 0; b < NV; ++b) vstore(wv + j0 + b * Lv, wb[b]);
+          deta += vsum<A>(ev);
+        } else {
+          for (int64_t i2 = 0; i2 < K; ++i2) {
+            A* __restrict dSi = dS.data() + i2 * V;
+            const A* __restrict Si = Scur + i2 * V;
+            const A qi = u.qq[i2];
+            const A ki = u.kk[i2];
+            A pq = 0, pk = 0;
+            for (int64_t j = j0; j < j0 + nb; ++j) {
+              const A ds = dSi[j] + qi * gov[j];
+              dSi[j] = ds;
+              pq += Si[j] * gov[j];
+              A dz = ds;
+              if (momentum) {
+                dz = ds + dZ[i2 * V + j];
+                dZt[i2 * V + j] = dz;
+                deta += dz * Zprev[i2 * V + j];
+                dZ[i2 * V + j] = u.eta * dz;
+              }
+              wv[j] += dz * ki;
+              pk += dz * psi[j];
+            }
+            dqq[i2] += pq;
+            dkk[i2] += pk;
+          }
+        }
+      });
+      for (int64_t i2 = 0; i2 < K; ++i2) dkk[i2] *= -u.beta;
       // psi's gradient, beta's, and through psi(e) to e and v
       A dbeta = 0;
       T* gv = G.grad_v + r * V;
@@ -551,18 +577,31 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
         const A ai = u.av[i2];
         const A rk = P.retention_first ? ai : A(1);
         const A c = rk * u.kk[i2];
-        A psd[kBlock<A>] = {}, pda[kBlock<A>] = {};
+        using VT = typename Vec<A>::type;
+        VT vsd = VT{}, vda = VT{};  // per-lane partial sums of full blocks, in registers
+        A sd = 0, dai = 0;          // and of the tail
         column_blocks<A>(V, [&](int64_t j0, auto nb) {
-#pragma omp simd
-          for (int64_t j = 0; j < nb; ++j) {
-            psd[j] += Spi[j0 + j] * dev[j0 + j];
-            pda[j] += dSi[j0 + j] * Spi[j0 + j];
-            dSi[j0 + j] = ai * dSi[j0 + j] + c * dev[j0 + j];
+          if constexpr (!std::is_same_v<decltype(nb), int64_t>) {
+            for (int64_t b = 0; b < kBlock<A>; b += kLanes<A>) {
+              const VT sp = vload(Spi + j0 + b);
+              const VT dv = vload(dev + j0 + b);
+              const VT ds = vload(dSi + j0 + b);
+              vsd += sp * dv;
+              vda += ds * sp;
+              vstore(dSi + j0 + b, ai * ds + c * dv);
+            }
+          } else {
+            for (int64_t j = j0; j < j0 + nb; ++j) {
+              sd += Spi[j] * dev[j];
+              dai += dSi[j] * Spi[j];
+              dSi[j] = ai * dSi[j] + c * dev[j];
+            }
           }
         });
-        const A sd = lane_sum(psd);
+        sd += vsum<A>(vsd);
+        dai += vsum<A>(vda);
         dkk[i2] += rk * sd;
-        da[i2] = lane_sum(pda) + (P.retention_first ? u.kk[i2] * sd : A(0));
+        da[i2] = dai + (P.retention_first ? u.kk[i2] * sd : A(0));
       }
       // to the raw inputs: gates in log space, l2-normalised q and k
       if (G.grad_g) {
