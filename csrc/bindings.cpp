@@ -2,6 +2,7 @@
 // integers (torch.Tensor.data_ptr()), a dtype code, int64 sizes, and a thread count (CPU) or a
 // stream handle (CUDA); outputs are allocated in Python. The GIL is released around kernels.
 #include <cstdint>
+#include <type_traits>
 #include <string>
 
 #include <pybind11/pybind11.h>
@@ -10,6 +11,7 @@
 #include "common/dispatch.h"
 #include "common/errors.h"
 #include "common/parallel.h"
+#include "margin/margin.h"
 #include "scan/scan.h"
 
 #ifdef RETAIN_WITH_CUDA
@@ -23,6 +25,7 @@ namespace {
 
 constexpr const char* kLinearRecurrence = "retain::linear_recurrence";
 constexpr const char* kMemoryScan = "retain::memory_scan";
+constexpr const char* kTmLoss = "retain::tm_loss";
 
 py::dict build_info() {
   py::dict info;
@@ -155,6 +158,27 @@ void memory_scan_bwd_cpu(int dtype, const py::dict& params, const py::dict& grad
   });
 }
 
+// tm_loss: labels are int8 (packed = false) or 2-bit codes in uint8 (packed = true).
+template <typename Launch>
+void tm_loss_dispatch(int dtype, bool packed, uintptr_t h, uintptr_t labels, uintptr_t pos, uintptr_t neg,
+                      uintptr_t mask, int64_t B, int64_t L, int64_t D, const Launch& launch) {
+  const char* op = kTmLoss;
+  retain::check_sizes({B, L, D}, op);
+  const bool empty = B * L * D == 0;
+  RETAIN_DISPATCH_FLOATING(dtype, op, [&] {
+    using A = retain::Acc<scalar_t>;
+    const auto* hp = retain::as_ptr<scalar_t>(h, op, "h", empty);
+    const auto* pp = retain::as_ptr<A>(pos, op, "pos_thr", empty);
+    const auto* np = retain::as_ptr<A>(neg, op, "neg_thr", empty);
+    const auto* mp = retain::as_ptr<uint8_t>(mask, op, "mask", true);
+    if (packed) {
+      launch(hp, retain::as_ptr<uint8_t>(labels, op, "labels", empty), pp, np, mp);
+    } else {
+      launch(hp, retain::as_ptr<int8_t>(labels, op, "labels", empty), pp, np, mp);
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -172,6 +196,9 @@ PYBIND11_MODULE(_C, m) {
   py::list ms_devices;
   ms_devices.append("cpu");
   kernels["memory_scan"] = ms_devices;
+  py::list tm_devices;
+  tm_devices.append("cpu");
+  kernels["tm_loss"] = tm_devices;
   m.attr("kernels") = kernels;
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -191,6 +218,30 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t grad_a, uintptr_t grad_initial, int64_t B, int64_t T, int64_t D, bool reverse, int nthreads) {
         linear_recurrence_bwd(dtype, a, h, initial, grad_h, grad_x, grad_a, grad_initial, B, T, D, [&](auto... p) {
           scan::linear_recurrence_bwd_cpu(p..., B, T, D, reverse, nthreads);
+        });
+      },
+      nogil);
+  m.def(
+      "tm_loss_fwd_cpu",
+      [](int dtype, bool packed, uintptr_t h, uintptr_t labels, int64_t label_row, uintptr_t pos, uintptr_t neg,
+         bool per_sample, uintptr_t mask, int64_t B, int64_t L, int64_t D, uintptr_t row_sum, uintptr_t row_count,
+         int nthreads) {
+        auto* sums = retain::as_mut_ptr<double>(row_sum, kTmLoss, "row_sum", B * L == 0);
+        auto* counts = retain::as_mut_ptr<int64_t>(row_count, kTmLoss, "row_count", B * L == 0);
+        tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D, [&](auto hp, auto lp, auto pp, auto np, auto mp) {
+          retain::margin::tm_loss_fwd_cpu(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums, counts, nthreads);
+        });
+      },
+      nogil);
+  m.def(
+      "tm_loss_bwd_cpu",
+      [](int dtype, bool packed, uintptr_t h, uintptr_t labels, int64_t label_row, uintptr_t pos, uintptr_t neg,
+         bool per_sample, uintptr_t mask, int64_t B, int64_t L, int64_t D, double scale, uintptr_t grad,
+         int nthreads) {
+        tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D, [&](auto hp, auto lp, auto pp, auto np, auto mp) {
+          using Tp = std::remove_const_t<std::remove_pointer_t<decltype(hp)>>;
+          auto* gp = retain::as_mut_ptr<Tp>(grad, kTmLoss, "grad_h", B * L * D == 0);
+          retain::margin::tm_loss_bwd_cpu(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, scale, gp, nthreads);
         });
       },
       nogil);

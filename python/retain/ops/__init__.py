@@ -3,6 +3,16 @@ registrations, so it runs in eager mode, under ``torch.compile(fullgraph=True)``
 ``torch.export``. Every op has a pure-PyTorch reference in ``retain.ops.<family>.reference``.
 """
 
+from retain.ops.margin import (
+    ActivationStats,
+    activation_stats,
+    pack_tm_labels,
+    tm_loss,
+    tm_thresholds,
+    unpack_tm_labels,
+)
 from retain.ops.scan import delta_rule, gated_delta_rule, linear_attn, linear_recurrence, memory_scan, titans_linear
 
-__all__ = ["delta_rule", "gated_delta_rule", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]
+__all__ = [
+    "ActivationStats", "activation_stats", "pack_tm_labels", "tm_loss", "tm_thresholds", "unpack_tm_labels",
+    "delta_rule", "gated_delta_rule", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]

@@ -1,0 +1,153 @@
+"""Margin family: GeRe's threshold-based margin (TM) loss on replayed activations, its 2-bit label
+storage and the mergeable per-dimension activation statistics behind its thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from retain.ops._checks import check_floating, check_tensor, kernel_device
+from retain.ops.margin import reference
+from retain.ops.margin._ops import REDUCTION_CODES, acc_dtype, tm_loss_op
+
+__all__ = ["ActivationStats", "activation_stats", "pack_tm_labels", "tm_loss", "tm_thresholds", "unpack_tm_labels"]
+
+
+def tm_loss(h: Tensor, labels: Tensor, pos_thr: Tensor, neg_thr: Tensor, *, mask: Tensor | None = None,
+            reduction: str = "violations") -> Tensor:
+    r"""Threshold-based margin loss (GeRe): keeps current activations ``h`` inside the activation
+    state their reference had. Per element, with thresholds τ⁺ = ``pos_thr``, τ⁻ = ``neg_thr``::
+
+        label +1:  max(0, τ⁺ − h)      label −1:  max(0, h − τ⁻)
+        label  0:  max(0, h − τ⁺) + max(0, τ⁻ − h)
+
+    Args:
+        h: current activations ``[B, L, D]``, float32/bfloat16/float16 (float64 too); 16-bit inputs
+            are computed in float32.
+        labels: int8 ``[B, L, D]`` in {-1, 0, 1}, or packed 2-bit labels uint8 ``[B, L, ceil(D/4)]``
+            from :func:`pack_tm_labels` (read directly by the kernel).
+        pos_thr, neg_thr: thresholds ``[D]``, or ``[B, D]`` (per-sample source datasets).
+        mask: ``[B, L]`` bool: positions that count (padding excluded).
+        reduction: ``'violations'`` (GeRe): Σ loss / (#{loss > 0} + 1e-8); ``'mean'``: Σ loss /
+            #counted elements (0 when the mask is empty); ``'sum'``.
+
+    Returns:
+        The 0-dim loss (float32; float64 for float64 ``h``). Backward: ``∂/∂h = ±1 / denominator``
+        on violating elements (the count of violations is piecewise constant), one fused pass;
+        thresholds get gradients too (computed in PyTorch, only when they require grad).
+
+    Examples::
+
+        >>> h = torch.tensor([[[0.5, -2.0, 3.0, 0.0]]])
+        >>> labels = torch.tensor([[[1, -1, 0, 0]]], dtype=torch.int8)
+        >>> pos, neg = torch.ones(4), -torch.ones(4)
+        >>> retain.ops.tm_loss(h, labels, pos, neg, reduction="sum")   # 0.5 + 0 + 2 + 0
+        tensor(2.5000)
+    """
+    op = "retain.ops.tm_loss"
+    check_tensor(op, "h", h, ndim=3)
+    check_floating(op, "h", h)
+    B, L, D = h.shape
+    check_tensor(op, "labels", labels)
+    if labels.dtype == torch.int8:
+        want = (B, L, D)
+    elif labels.dtype == torch.uint8:
+        want = (B, L, (D + 3) // 4)
+    else:
+        raise TypeError(f"{op}: labels must be int8 {{-1, 0, 1}} or packed uint8 (pack_tm_labels), "
+                        f"got {str(labels.dtype).replace('torch.', '')}")
+    if tuple(labels.shape) != want:
+        raise ValueError(f"{op}: labels ({str(labels.dtype).replace('torch.', '')}) must have shape {want}, "
+                         f"got {tuple(labels.shape)}")
+    acc = acc_dtype(h.dtype)
+    thr = []
+    for name, t in (("pos_thr", pos_thr), ("neg_thr", neg_thr)):
+        check_tensor(op, name, t)
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {str(t.dtype).replace('torch.', '')}")
+        if tuple(t.shape) not in ((D,), (B, D)):
+            raise ValueError(f"{op}: {name} must have shape {(D,)} or {(B, D)}, got {tuple(t.shape)}")
+        thr.append(t.to(acc).contiguous())
+    if pos_thr.shape != neg_thr.shape:
+        raise ValueError(f"{op}: pos_thr and neg_thr must have the same shape, got {tuple(pos_thr.shape)} and "
+                         f"{tuple(neg_thr.shape)}")
+    for name, t in (("labels", labels), ("pos_thr", pos_thr), ("neg_thr", neg_thr), ("mask", mask)):
+        if t is not None and t.device != h.device:
+            raise ValueError(f"{op}: {name} must be on h's device {h.device}, got {t.device}")
+    if mask is not None:
+        check_tensor(op, "mask", mask)
+        if tuple(mask.shape) != (B, L):
+            raise ValueError(f"{op}: mask must have shape {(B, L)}, got {tuple(mask.shape)}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"{op}: mask must be bool (or integer 0/1), got {str(mask.dtype).replace('torch.', '')}")
+        mask = mask.to(torch.bool).to(torch.uint8).contiguous()
+    if reduction not in REDUCTION_CODES:
+        raise ValueError(f"{op}: reduction must be one of {tuple(REDUCTION_CODES)}, got {reduction!r}")
+    if kernel_device("tm_loss", h) is None:  # RETAIN_FALLBACK=reference
+        return reference.tm_loss_ref(h, labels, thr[0], thr[1], mask=mask, reduction=reduction)
+    loss, _ = tm_loss_op(h.contiguous(), labels.contiguous(), thr[0], thr[1], mask, REDUCTION_CODES[reduction])
+    return loss
+
+
+def pack_tm_labels(ref: Tensor, pos_thr: Tensor, neg_thr: Tensor) -> Tensor:
+    """Labels of reference activations ``ref`` ``[..., D]`` packed four per byte:
+    uint8 ``[..., ceil(D/4)]`` (16× smaller than float32 references, 4× smaller than int8 labels).
+    +1 where ref ≥ τ⁺, −1 where ref ≤ τ⁻, 0 between; thresholds broadcast against ``ref``."""
+    return reference.pack_tm_labels_ref(reference.tm_labels_ref(ref, pos_thr, neg_thr))
+
+
+def unpack_tm_labels(packed: Tensor, D: int) -> Tensor:
+    """uint8 ``[..., ceil(D/4)]`` from :func:`pack_tm_labels` -> int8 labels ``[..., D]``."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"retain.ops.unpack_tm_labels: packed must be uint8, got {packed.dtype}")
+    if packed.shape[-1] != (D + 3) // 4:
+        raise ValueError(f"retain.ops.unpack_tm_labels: packed's last dimension must be ceil(D/4) = {(D + 3) // 4} "
+                         f"for D = {D}, got {packed.shape[-1]}")
+    return reference.unpack_tm_labels_ref(packed, D)
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Per-dimension activation statistics: ``count`` (0-dim), ``mean`` and ``m2`` (sum of squared
+    deviations) ``[D]``, all float64. Mergeable exactly (Chan et al.), so statistics of batches and
+    of ranks combine into those of the whole; never the unstable E[h²] − mean²."""
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    def merge(self, other: "ActivationStats") -> "ActivationStats":
+        n = self.count + other.count
+        if float(n) == 0.0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        return ActivationStats(n, mean, m2)
+
+    def variance(self, unbiased: bool = True) -> Tensor:
+        d = self.count - 1 if unbiased else self.count
+        return self.m2 / d.clamp_min(1)
+
+
+def activation_stats(h: Tensor, mask: Tensor | None = None) -> ActivationStats:
+    """Statistics of ``h`` ``[..., D]`` over its leading positions (those where ``mask`` ``[...]``
+    is true), in float64 (two passes over the batch: mean, then squared deviations).
+
+    Examples::
+
+        >>> s = retain.ops.activation_stats(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        >>> s.count.item(), s.mean.tolist(), s.m2.tolist()
+        (2.0, [2.0, 4.0], [2.0, 8.0])
+    """
+    check_tensor("retain.ops.activation_stats", "h", h, ndim_min=1)
+    return ActivationStats(*reference.activation_stats_ref(h, mask))
+
+
+def tm_thresholds(stats: ActivationStats, k: float = 1.0) -> tuple[Tensor, Tensor]:
+    """GeRe's thresholds ``(τ⁺, τ⁻) = (mean + k·std, mean − k·std)`` per dimension, with the
+    unbiased standard deviation (as ``torch.std``), float32."""
+    std = stats.variance(unbiased=True).sqrt()
+    return (stats.mean + k * std).float(), (stats.mean - k * std).float()
