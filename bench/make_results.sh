@@ -23,6 +23,9 @@ for op in linear_recurrence gated_delta_rule; do
     python bench/plot.py $R/${op}_cpu_sweep.json -o $R/${op}_cpu.png
   fi
 done
+if [[ $what == all || $what == default ]]; then
+  run --op tm_loss --json $R/tm_loss_cpu.json --markdown $R/tm_loss_cpu.md
+fi
 if [[ $what == all || $what == cold ]]; then
   run --op linear_recurrence --impl retain,numba,eager,assoc-scan --cold-heap \
     --json $R/linear_recurrence_cpu_cold_heap.json --markdown $R/linear_recurrence_cpu_cold_heap.md

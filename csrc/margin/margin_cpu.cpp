@@ -1,6 +1,9 @@
 // CPU kernels of the margin family: one pass over h per call, rows of [B, L, D] split over
 // threads; per-row partial sums keep the result independent of the thread count.
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "common/dtype.h"
 #include "common/isa.h"
@@ -11,11 +14,42 @@
 namespace retain::margin {
 namespace {
 
+// Packed labels are decoded a row at a time into int8 through a 256-entry table: one byte of four
+// 2-bit codes becomes four int8 labels in one 32-bit store, and the loss loops stay the
+// vectorised int8 ones.
+struct UnpackTable {
+  uint32_t word[256];
+  UnpackTable() {
+    for (int b = 0; b < 256; ++b) {
+      uint32_t w = 0;
+      for (int i = 0; i < 4; ++i) {
+        const int code = (b >> (2 * i)) & 3;
+        const int8_t label = static_cast<int8_t>((code == 1) - (code == 2));
+        w |= static_cast<uint32_t>(static_cast<uint8_t>(label)) << (8 * i);  // little-endian: label i at byte i
+      }
+      word[b] = w;
+    }
+  }
+};
+const UnpackTable kUnpack;
+
+// Row r's labels as int8: the row itself, or the packed row decoded into `scratch` (>= D + 3 bytes).
+RETAIN_FORCE_INLINE const int8_t* row_labels(const int8_t* labels, int64_t label_row, int64_t r, int64_t, int8_t*) {
+  return labels + r * label_row;
+}
+RETAIN_FORCE_INLINE const int8_t* row_labels(const uint8_t* labels, int64_t label_row, int64_t r, int64_t,
+                                             int8_t* scratch) {
+  const uint8_t* row = labels + r * label_row;
+  for (int64_t q = 0; q < label_row; ++q) std::memcpy(scratch + 4 * q, &kUnpack.word[row[q]], 4);
+  return scratch;
+}
+
 template <typename T, typename Lab, typename A>
 RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict labels, int64_t label_row,
                                   const A* __restrict pos, const A* __restrict neg, bool per_sample,
                                   const uint8_t* __restrict mask, int64_t L, int64_t D, double* __restrict row_sum,
                                   int64_t* __restrict row_count, int64_t r0, int64_t r1) {
+  std::vector<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
   for (int64_t r = r0; r < r1; ++r) {
     if (mask && !mask[r]) {
       row_sum[r] = 0.0, row_count[r] = 0;
@@ -25,7 +59,7 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
     const A* __restrict p = per_sample ? pos + b * D : pos;
     const A* __restrict n = per_sample ? neg + b * D : neg;
     const T* __restrict hr = h + r * D;
-    const Lab* __restrict lr = labels + r * label_row;
+    const int8_t* __restrict lr = row_labels(labels, label_row, r, D, scratch.data());
     A sum = 0;
     int64_t count = 0;
 #pragma omp simd reduction(+ : sum, count)
@@ -44,6 +78,7 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
                                   const A* __restrict pos, const A* __restrict neg, bool per_sample,
                                   const uint8_t* __restrict mask, int64_t L, int64_t D, A scale,
                                   T* __restrict grad, int64_t r0, int64_t r1) {
+  std::vector<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
   for (int64_t r = r0; r < r1; ++r) {
     T* __restrict gr = grad + r * D;
     if (mask && !mask[r]) {
@@ -54,7 +89,7 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
     const A* __restrict p = per_sample ? pos + b * D : pos;
     const A* __restrict n = per_sample ? neg + b * D : neg;
     const T* __restrict hr = h + r * D;
-    const Lab* __restrict lr = labels + r * label_row;
+    const int8_t* __restrict lr = row_labels(labels, label_row, r, D, scratch.data());
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) store_as(gr[d], scale * tm_slope(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]));
   }

@@ -762,4 +762,5 @@ if __name__ == "__main__":
 
 # The op families register their cases (python/retain/ops/<family>/_bench.py); imported last so
 # they can use everything above.
+from retain.ops.margin import _bench as _margin_cases  # noqa: E402,F401
 from retain.ops.scan import _bench as _scan_cases  # noqa: E402,F401

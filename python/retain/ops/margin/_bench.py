@@ -1,0 +1,98 @@
+"""Benchmark cases of the margin family for `retain bench` (python/retain/bench.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from retain.bench import Case, Impl, Runner, Unsupported, register
+
+
+def _tm_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device).manual_seed(0)
+    B, L, D = p["B"], p["L"], p["D"]
+    h = torch.randn(B, L, D, generator=gen, device=device).to(getattr(torch, p["dtype"]))
+    labels = torch.randint(-1, 2, (B, L, D), generator=gen, device=device, dtype=torch.int8)
+    return {
+        "h": h, "labels": labels,
+        "pos": 0.5 + torch.rand(D, generator=gen, device=device),
+        "neg": -0.5 - torch.rand(D, generator=gen, device=device),
+        "mask": torch.rand(B, L, generator=gen, device=device) > 0.1,
+    }
+
+
+def _tm_runner(fn, inputs) -> Runner:
+    """fwd: the loss; fwd+bwd: its gradient with respect to h."""
+    h = inputs["h"]
+    leaf = h.detach().requires_grad_()
+
+    def fwdbwd():
+        return torch.autograd.grad(fn(leaf), leaf)
+
+    return Runner(lambda: fn(h), fwdbwd)
+
+
+def _tm_retain(packed: bool):
+    def build(inputs, params, device):
+        from retain import _native
+        from retain.ops import tm_loss
+        from retain.ops.margin.reference import pack_tm_labels_ref
+
+        if not _native.has_kernel("tm_loss", device):
+            raise Unsupported(f"no tm_loss kernel for {device} in this build")
+        labels = pack_tm_labels_ref(inputs["labels"]) if packed else inputs["labels"]
+        pos, neg, mask = inputs["pos"], inputs["neg"], inputs["mask"]
+        return _tm_runner(lambda h: tm_loss(h, labels, pos, neg, mask=mask), inputs)
+    return build
+
+
+def _tm_eager(inputs, params, device):
+    from retain.ops.margin.reference import tm_loss_ref
+
+    labels, pos, neg, mask = inputs["labels"], inputs["pos"], inputs["neg"], inputs["mask"]
+    return _tm_runner(lambda h: tm_loss_ref(h, labels, pos, neg, mask=mask), inputs)
+
+
+def _tm_compile(inputs, params, device):
+    import torch._dynamo
+
+    from retain.ops.margin.reference import tm_loss_ref
+
+    torch._dynamo.reset()
+    labels, pos, neg, mask = inputs["labels"], inputs["pos"], inputs["neg"], inputs["mask"]
+    compiled = torch.compile(lambda h: tm_loss_ref(h, labels, pos, neg, mask=mask), fullgraph=True)
+    return _tm_runner(compiled, inputs)
+
+
+def _tm_numel(p):
+    return p["B"] * p["L"] * p["D"]
+
+
+register(Case(
+    name="tm_loss",
+    family="margin",
+    sizes={
+        "default": {"B": 8, "L": 512, "D": 4096, "dtype": "float32"},
+        "small": {"B": 2, "L": 16, "D": 64, "dtype": "float32"},
+    },
+    make_inputs=_tm_inputs,
+    describe=lambda p: f"B={p['B']} L={p['L']} D={p['D']} {p['dtype']}, int8 labels, 'violations'",
+    # the bytes the op must move: h and int8 labels in; for fwd+bwd also the gradient out
+    bytes_model={
+        "fwd": lambda p: 5 * _tm_numel(p),
+        "fwd+bwd": lambda p: 9 * _tm_numel(p),
+    },
+    impls={
+        "retain": Impl(_tm_retain(False), "retain.ops.tm_loss with int8 labels (native kernel)"),
+        "retain-packed": Impl(_tm_retain(True), "retain.ops.tm_loss with packed 2-bit labels"),
+        "eager": Impl(_tm_eager, "reference tm_loss_ref (eager PyTorch, as GeRe computes it)"),
+        "compile": Impl(_tm_compile, "tm_loss_ref under torch.compile(fullgraph, inductor); warm-up = compile",
+                        jit=True),
+    },
+    grad_names=("grad_h",),
+    model_note="GB/s from the bytes the op must move: fwd reads h (4 B) and an int8 label (1 B) per element; "
+               "fwd+bwd also writes the gradient (9 B per element). retain's backward reads h and the labels a "
+               "second time (14 B moved per element for fwd+bwd)",
+    rtol=1e-4, atol=1e-6,
+))
