@@ -60,16 +60,15 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
     const A* __restrict n = per_sample ? neg + b * D : neg;
     const T* __restrict hr = h + r * D;
     const int8_t* __restrict lr = row_labels(labels, label_row, r, D, scratch.data());
-    A sum = 0;
-    int64_t count = 0;
+    A sum = 0, count = 0;  // a float count stays exact up to 2^24 elements a row, and vectorises
 #pragma omp simd reduction(+ : sum, count)
     for (int64_t d = 0; d < D; ++d) {
       const A e = tm_element(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]);
       sum += e;
-      count += e > A(0);
+      count += e > A(0) ? A(1) : A(0);
     }
     row_sum[r] = static_cast<double>(sum);
-    row_count[r] = count;
+    row_count[r] = static_cast<int64_t>(count);
   }
 }
 
