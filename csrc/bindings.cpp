@@ -26,6 +26,7 @@ namespace {
 constexpr const char* kLinearRecurrence = "retain::linear_recurrence";
 constexpr const char* kMemoryScan = "retain::memory_scan";
 constexpr const char* kTmLoss = "retain::tm_loss";
+constexpr const char* kKl = "retain::kl_imitation";
 
 py::dict build_info() {
   py::dict info;
@@ -199,6 +200,7 @@ PYBIND11_MODULE(_C, m) {
   py::list tm_devices;
   tm_devices.append("cpu");
   kernels["tm_loss"] = tm_devices;
+  kernels["kl_imitation"] = tm_devices;
   m.attr("kernels") = kernels;
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -242,6 +244,35 @@ PYBIND11_MODULE(_C, m) {
           using Tp = std::remove_const_t<std::remove_pointer_t<decltype(hp)>>;
           auto* gp = retain::as_mut_ptr<Tp>(grad, kTmLoss, "grad_h", B * L * D == 0);
           retain::margin::tm_loss_bwd_cpu(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, scale, gp, nthreads);
+        });
+      },
+      nogil);
+  m.def(
+      "kl_imitation_fwd_cpu",
+      [](int dtype, uintptr_t z, uintptr_t z_ref, uintptr_t mask, int64_t N, int64_t V, double inv_t, uintptr_t loss,
+         uintptr_t lse, uintptr_t lse_ref, int nthreads) {
+        retain::check_sizes({N, V}, kKl);
+        retain::check(V > 0, kKl, "the vocabulary must not be empty");
+        RETAIN_DISPATCH_FLOATING(dtype, kKl, [&] {
+          retain::margin::kl_imitation_fwd_cpu(
+              retain::as_ptr<scalar_t>(z, kKl, "z"), retain::as_ptr<scalar_t>(z_ref, kKl, "z_ref"),
+              retain::as_ptr<uint8_t>(mask, kKl, "mask", true), N, V, inv_t, retain::as_mut_ptr<double>(loss, kKl, "loss"),
+              retain::as_mut_ptr<double>(lse, kKl, "lse"), retain::as_mut_ptr<double>(lse_ref, kKl, "lse_ref"), nthreads);
+        });
+      },
+      nogil);
+  m.def(
+      "kl_imitation_bwd_cpu",
+      [](int dtype, uintptr_t z, uintptr_t z_ref, uintptr_t g, uintptr_t loss, uintptr_t lse, uintptr_t lse_ref,
+         int64_t N, int64_t V, double inv_t, uintptr_t grad_z, uintptr_t grad_z_ref, int nthreads) {
+        retain::check_sizes({N, V}, kKl);
+        RETAIN_DISPATCH_FLOATING(dtype, kKl, [&] {
+          retain::margin::kl_imitation_bwd_cpu(
+              retain::as_ptr<scalar_t>(z, kKl, "z"), retain::as_ptr<scalar_t>(z_ref, kKl, "z_ref"),
+              retain::as_ptr<double>(g, kKl, "grad"), retain::as_ptr<double>(loss, kKl, "loss"),
+              retain::as_ptr<double>(lse, kKl, "lse"), retain::as_ptr<double>(lse_ref, kKl, "lse_ref"), N, V, inv_t,
+              retain::as_mut_ptr<scalar_t>(grad_z, kKl, "grad_z", true),
+              retain::as_mut_ptr<scalar_t>(grad_z_ref, kKl, "grad_z_ref", true), nthreads);
         });
       },
       nogil);

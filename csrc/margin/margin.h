@@ -19,4 +19,18 @@ void tm_loss_bwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* 
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D, double scale,
                      T* grad_h, int nthreads);
 
+// KL imitation, one row of V logits per token: loss[n] = KL(softmax(z_ref/T) || softmax(z/T)),
+// lse[n], lse_ref[n] the log-sum-exps of z/T and z_ref/T (saved for the backward). Rows whose
+// mask is 0 get loss 0.
+template <typename T>
+void kl_imitation_fwd_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
+                          double* loss, double* lse, double* lse_ref, int nthreads);
+
+// grad_z = g[n] / T * (p - p_ref); grad_z_ref = g[n] / T * p_ref * (log p_ref - log p - loss[n])
+// (either may be null); g is the incoming gradient of each row's loss (0 where masked).
+template <typename T>
+void kl_imitation_bwd_cpu(const T* z, const T* z_ref, const double* g, const double* loss, const double* lse,
+                          const double* lse_ref, int64_t N, int64_t V, double inv_t, T* grad_z, T* grad_z_ref,
+                          int nthreads);
+
 }  // namespace retain::margin

@@ -1,5 +1,7 @@
 // CPU kernels of the margin family: one pass over h per call, rows of [B, L, D] split over
 // threads; per-row partial sums keep the result independent of the thread count.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -9,6 +11,7 @@
 #include "common/isa.h"
 #include "common/parallel.h"
 #include "margin/margin.h"
+#include "margin/kl.h"
 #include "margin/tm_loss.h"
 
 namespace retain::margin {
@@ -150,6 +153,120 @@ RETAIN_INSTANTIATE(bf16_t, int8_t)
 RETAIN_INSTANTIATE(bf16_t, uint8_t)
 RETAIN_INSTANTIATE(f16_t, int8_t)
 RETAIN_INSTANTIATE(f16_t, uint8_t)
+#undef RETAIN_INSTANTIATE
+
+}  // namespace retain::margin
+
+namespace retain::margin {
+namespace {
+
+template <typename T>
+RETAIN_FORCE_INLINE void kl_fwd_rows(const T* __restrict z, const T* __restrict z_ref, const uint8_t* __restrict mask,
+                                     int64_t V, double inv_t, double* __restrict loss, double* __restrict lse,
+                                     double* __restrict lse_ref, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  const A it = static_cast<A>(inv_t);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict zr = z + r * V;
+    const T* __restrict qr = z_ref + r * V;
+    A m = -INFINITY, mr = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) {
+      m = std::max(m, load_as<A>(zr[v]) * it);
+      mr = std::max(mr, load_as<A>(qr[v]) * it);
+    }
+    A s = 0, sr = 0, w = 0;  // sum exp(z/T - m), sum exp(z_ref/T - mr), sum exp(z_ref/T - mr) (z_ref - z)/T
+#pragma omp simd reduction(+ : s, sr, w)
+    for (int64_t v = 0; v < V; ++v) {
+      const A a = load_as<A>(zr[v]) * it;
+      const A b = load_as<A>(qr[v]) * it;
+      const A eb = std::exp(b - mr);
+      s += std::exp(a - m);
+      sr += eb;
+      w += eb * (b - a);
+    }
+    const A l = lse_of(m, s), lr = lse_of(mr, sr);
+    lse[r] = l;
+    lse_ref[r] = lr;
+    loss[r] = (mask && !mask[r]) ? 0.0 : static_cast<double>(w / sr - lr + l);
+  }
+}
+
+template <typename T>
+RETAIN_FORCE_INLINE void kl_bwd_rows(const T* __restrict z, const T* __restrict z_ref, const double* __restrict g,
+                                     const double* __restrict loss, const double* __restrict lse,
+                                     const double* __restrict lse_ref, int64_t V, double inv_t, T* __restrict grad_z,
+                                     T* __restrict grad_z_ref, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  const A it = static_cast<A>(inv_t);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict zr = z + r * V;
+    const T* __restrict qr = z_ref + r * V;
+    const A gr = static_cast<A>(g[r]) * it, l = static_cast<A>(lse[r]), lr = static_cast<A>(lse_ref[r]);
+    const A kl = static_cast<A>(loss[r]);
+    if (grad_z) {
+      T* __restrict gz = grad_z + r * V;
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) {
+        const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
+        store_as(gz[v], gr * (std::exp(lp) - std::exp(lq)));
+      }
+    }
+    if (grad_z_ref) {
+      T* __restrict gq = grad_z_ref + r * V;
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) {
+        const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
+        store_as(gq[v], gr * std::exp(lq) * (lq - lp - kl));
+      }
+    }
+  }
+}
+
+#define RETAIN_KL_KERNELS(T)                                                                                   \
+  RETAIN_ISA_CLONES void kl_fwd_rows_isa(const T* z, const T* z_ref, const uint8_t* mask, int64_t V,           \
+                                         double inv_t, double* loss, double* lse, double* lse_ref, int64_t r0, \
+                                         int64_t r1) {                                                         \
+    kl_fwd_rows<T>(z, z_ref, mask, V, inv_t, loss, lse, lse_ref, r0, r1);                                      \
+  }                                                                                                            \
+  RETAIN_ISA_CLONES void kl_bwd_rows_isa(const T* z, const T* z_ref, const double* g, const double* loss,      \
+                                         const double* lse, const double* lse_ref, int64_t V, double inv_t,    \
+                                         T* grad_z, T* grad_z_ref, int64_t r0, int64_t r1) {                   \
+    kl_bwd_rows<T>(z, z_ref, g, loss, lse, lse_ref, V, inv_t, grad_z, grad_z_ref, r0, r1);                     \
+  }
+RETAIN_KL_KERNELS(float)
+RETAIN_KL_KERNELS(double)
+RETAIN_KL_KERNELS(bf16_t)
+RETAIN_KL_KERNELS(f16_t)
+#undef RETAIN_KL_KERNELS
+
+}  // namespace
+
+template <typename T>
+void kl_imitation_fwd_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
+                          double* loss, double* lse, double* lse_ref, int nthreads) {
+  parallel_for(N, V * 16, nthreads, [&](int64_t r0, int64_t r1) {
+    kl_fwd_rows_isa(z, z_ref, mask, V, inv_t, loss, lse, lse_ref, r0, r1);
+  });
+}
+
+template <typename T>
+void kl_imitation_bwd_cpu(const T* z, const T* z_ref, const double* g, const double* loss, const double* lse,
+                          const double* lse_ref, int64_t N, int64_t V, double inv_t, T* grad_z, T* grad_z_ref,
+                          int nthreads) {
+  parallel_for(N, V * 16, nthreads, [&](int64_t r0, int64_t r1) {
+    kl_bwd_rows_isa(z, z_ref, g, loss, lse, lse_ref, V, inv_t, grad_z, grad_z_ref, r0, r1);
+  });
+}
+
+#define RETAIN_INSTANTIATE(T)                                                                                  \
+  template void kl_imitation_fwd_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double, double*,  \
+                                        double*, double*, int);                                                \
+  template void kl_imitation_bwd_cpu<T>(const T*, const T*, const double*, const double*, const double*,        \
+                                        const double*, int64_t, int64_t, double, T*, T*, int);
+RETAIN_INSTANTIATE(float)
+RETAIN_INSTANTIATE(double)
+RETAIN_INSTANTIATE(bf16_t)
+RETAIN_INSTANTIATE(f16_t)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::margin

@@ -225,3 +225,93 @@ def test_tm_loss_bad_input(case):
     kw.update(over)
     with pytest.raises(exc, match=re.escape("retain.ops.tm_loss") + ": " + pattern):
         tm_loss(kw["h"], kw["labels"], kw["pos"], kw["neg"], mask=kw["mask"], reduction=kw["reduction"])
+
+
+# kl_imitation ---------------------------------------------------------------------------------
+
+from retain.ops import kl_imitation  # noqa: E402
+
+
+def make_logits(shape=(3, 4, 37), dtype=F64, scale=3.0, seed=0, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(shape, generator=g, dtype=F64) * scale).to(dtype).requires_grad_()
+    q = (torch.randn(shape, generator=g, dtype=F64) * scale).to(dtype).requires_grad_()
+    mask = torch.rand(shape[:-1], generator=g) > 0.3 if masked else None
+    return z, q, mask
+
+
+def check_kl(z, q, mask, temperature, reduction):
+    got = kl_imitation(z, q, temperature=temperature, mask=mask, reduction=reduction)
+    want = ref.kl_imitation_ref(z, q, temperature=temperature, mask=mask, reduction=reduction)
+    assert_close(got, want)
+    w = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=F64).to(got.dtype)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (z, q)), torch.autograd.grad((want * w).sum(), (z, q))):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kl_imitation_matches_reference(dtype, reduction, temperature):
+    z, q, mask = make_logits(dtype=dtype, seed=21)
+    check_kl(z, q, mask, temperature, reduction)
+
+
+@given(shape=st.sampled_from([(1, 1), (5, 2), (3, 129), (2, 3, 1000)]), masked=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "none"]), seed=st.integers(0, 2**16))
+def test_kl_imitation_hypothesis(shape, masked, reduction, seed):
+    z, q, mask = make_logits(shape, seed=seed, masked=masked)
+    check_kl(z, q, mask, 1.5, reduction)
+
+
+def test_kl_imitation_extreme_logits_and_identity():
+    z, _, _ = make_logits((4, 50), scale=1e4, seed=23)
+    # the reference's argmax is another token in every row: both softmaxes are one-hot and the
+    # gradient is +-1/T there, 0 elsewhere (equal argmaxes would leave a 1 - 1 cancellation whose
+    # rounding is order-dependent at 1e4 * eps)
+    q = torch.roll(z.detach(), 1, -1).requires_grad_()
+    loss = kl_imitation(z, q, reduction="none")
+    assert torch.isfinite(loss).all()
+    check_kl(z, q, None, 1.0, "sum")
+    same = kl_imitation(z.detach(), z.detach(), reduction="none")
+    assert_close(same, torch.zeros_like(same))
+
+
+def test_kl_imitation_opcheck_and_compile():
+    z, q, mask = make_logits((6, 33), dtype=torch.float32, seed=25)
+    m = mask.to(torch.uint8)
+    torch.library.opcheck(_ops.kl_imitation_op, (z, q, m, 0.5))
+    loss, lse, lse_ref = _ops.kl_imitation_op(z, q, m, 0.5)
+    torch.library.opcheck(_ops.kl_imitation_backward_op,
+                          (torch.ones(6, dtype=F64), loss.detach(), lse, lse_ref, z.detach(), q.detach(), 0.5, True, True))
+    torch._dynamo.reset()
+
+    def model(x):
+        return kl_imitation(x * 2, q.detach(), temperature=2.0, mask=mask)
+
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    got, want = compiled(z), model(z)
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])
+
+
+KL_BAD = [
+    ("shape", dict(q=torch.zeros(3, 4, 36, dtype=F64)), ValueError, r"z_ref must have z's shape \(3, 4, 37\)"),
+    ("dtype", dict(q=torch.zeros(3, 4, 37)), TypeError, "z_ref must have z's dtype float64, got float32"),
+    ("int", dict(z=torch.zeros(3, 4, 37, dtype=torch.long)), TypeError, "z must be a floating tensor"),
+    ("temperature", dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    ("mask shape", dict(mask=torch.ones(3, 5, dtype=torch.bool)), ValueError, r"mask must have shape \(3, 4\)"),
+    ("reduction", dict(reduction="max"), ValueError, "reduction must be 'mean', 'sum' or 'none'"),
+    ("empty vocab", dict(z=torch.zeros(3, 0, dtype=F64), q=torch.zeros(3, 0, dtype=F64), mask=None), ValueError,
+     r"the vocabulary \(last\) dimension of z must not be empty"),
+]
+
+
+@pytest.mark.parametrize("case", KL_BAD, ids=[c[0] for c in KL_BAD])
+def test_kl_imitation_bad_input(case):
+    _, over, exc, pattern = case
+    z, q, mask = make_logits()
+    kw = dict(z=z, q=q, mask=mask, temperature=1.0, reduction="mean")
+    kw.update(over)
+    with pytest.raises(exc, match=re.escape("retain.ops.kl_imitation") + ": " + pattern):
+        kl_imitation(kw["z"], kw["q"], temperature=kw["temperature"], mask=kw["mask"], reduction=kw["reduction"])

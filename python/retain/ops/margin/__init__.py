@@ -10,9 +10,10 @@ from torch import Tensor
 
 from retain.ops._checks import check_floating, check_tensor, kernel_device
 from retain.ops.margin import reference
-from retain.ops.margin._ops import REDUCTION_CODES, acc_dtype, tm_loss_op
+from retain.ops.margin._ops import REDUCTION_CODES, acc_dtype, kl_imitation_op, tm_loss_op
 
-__all__ = ["ActivationStats", "activation_stats", "pack_tm_labels", "tm_loss", "tm_thresholds", "unpack_tm_labels"]
+__all__ = ["ActivationStats", "activation_stats", "kl_imitation", "pack_tm_labels", "tm_loss", "tm_thresholds",
+           "unpack_tm_labels"]
 
 
 def tm_loss(h: Tensor, labels: Tensor, pos_thr: Tensor, neg_thr: Tensor, *, mask: Tensor | None = None,
@@ -151,3 +152,70 @@ def tm_thresholds(stats: ActivationStats, k: float = 1.0) -> tuple[Tensor, Tenso
     unbiased standard deviation (as ``torch.std``), float32."""
     std = stats.variance(unbiased=True).sqrt()
     return (stats.mean + k * std).float(), (stats.mean - k * std).float()
+
+
+def kl_imitation(z: Tensor, z_ref: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None,
+                 reduction: str = "mean") -> Tensor:
+    r"""Per-token KL(softmax(z_ref / T) ‖ softmax(z / T)) over the vocabulary, fused: no
+    ``[tokens, vocab]`` probability tensor is made, forward or backward (two passes over each row
+    forward, one backward; the forward keeps two log-sum-exps per token for the backward).
+
+    Args:
+        z: current logits ``[..., V]``; z_ref: reference logits, same shape, dtype and device
+            (float32/float64/bfloat16/float16; 16-bit computed in float32).
+        temperature: T > 0. The loss is not multiplied by T² (multiply it yourself for Hinton's
+            gradient scale).
+        mask: ``[...]`` bool: tokens that count.
+        reduction: 'mean' over counted tokens (0 when none), 'sum', or 'none' (per token, ``[...]``,
+            masked tokens 0).
+
+    Returns:
+        float32 (float64 for float64 logits). Gradients flow to ``z`` and, when it requires grad,
+        ``z_ref``: ∂/∂z = (p − p_ref)/T, ∂/∂z_ref = p_ref (log p_ref − log p − KL)/T per token.
+
+    Examples::
+
+        >>> z = torch.tensor([[0.0, 0.0]])
+        >>> retain.ops.kl_imitation(z, torch.tensor([[0.0, 0.0]])).item()
+        0.0
+    """
+    op = "retain.ops.kl_imitation"
+    check_tensor(op, "z", z, ndim_min=1)
+    check_floating(op, "z", z)
+    check_tensor(op, "z_ref", z_ref)
+    if tuple(z_ref.shape) != tuple(z.shape):
+        raise ValueError(f"{op}: z_ref must have z's shape {tuple(z.shape)}, got {tuple(z_ref.shape)}")
+    if z_ref.dtype != z.dtype:
+        raise TypeError(f"{op}: z_ref must have z's dtype {str(z.dtype).replace('torch.', '')}, "
+                        f"got {str(z_ref.dtype).replace('torch.', '')}")
+    if z_ref.device != z.device:
+        raise ValueError(f"{op}: z_ref must be on z's device {z.device}, got {z_ref.device}")
+    if z.shape[-1] == 0:
+        raise ValueError(f"{op}: the vocabulary (last) dimension of z must not be empty")
+    if not float(temperature) > 0:
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+    lead = tuple(z.shape[:-1])
+    if mask is not None:
+        check_tensor(op, "mask", mask)
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"{op}: mask must have shape {lead} (z without its last dimension), got {tuple(mask.shape)}")
+        if mask.is_floating_point():
+            raise TypeError(f"{op}: mask must be bool (or integer 0/1), got {str(mask.dtype).replace('torch.', '')}")
+        if mask.device != z.device:
+            raise ValueError(f"{op}: mask must be on z's device {z.device}, got {mask.device}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if kernel_device("kl_imitation", z) is None:  # RETAIN_FALLBACK=reference
+        return reference.kl_imitation_ref(z, z_ref, temperature=temperature, mask=mask, reduction=reduction)
+    V = z.shape[-1]
+    m = mask.reshape(-1).to(torch.bool).to(torch.uint8).contiguous() if mask is not None else None
+    rows, _, _ = kl_imitation_op(z.reshape(-1, V).contiguous(), z_ref.reshape(-1, V).contiguous(), m,
+                                 1.0 / float(temperature))
+    acc = acc_dtype(z.dtype)
+    if reduction == "none":
+        return rows.reshape(lead).to(acc)
+    total = rows.sum()
+    if reduction == "sum":
+        return total.to(acc)
+    n = m.sum().to(torch.float64) if m is not None else torch.tensor(float(rows.numel()), dtype=torch.float64)
+    return (total / n.clamp_min(1)).to(acc)

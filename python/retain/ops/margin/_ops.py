@@ -115,3 +115,69 @@ def _backward(ctx, grad_loss, _grad_denom):
 
 
 tm_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# kl_imitation --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("retain::kl_imitation", mutates_args=())
+def kl_imitation_op(z: Tensor, z_ref: Tensor, mask: Tensor | None, inv_t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse, lse_ref), float64 [N]: per-token KL(softmax(z_ref/T) || softmax(z/T)) of
+    z, z_ref [N, V] (0 where mask [N] is 0) and the log-sum-exps the backward reuses."""
+    if kernel_device("kl_imitation", z) is None:
+        raise NotImplementedError("retain::kl_imitation: the reference fallback runs through retain.ops.kl_imitation")
+    N, V = z.shape
+    loss, lse, lse_ref = (torch.empty(N, dtype=torch.float64, device=z.device) for _ in range(3))
+    if N:
+        _native.lib().kl_imitation_fwd_cpu(_native.DTYPE_CODES[z.dtype], z.data_ptr(), z_ref.data_ptr(), _ptr(mask),
+                                           N, V, inv_t, loss.data_ptr(), lse.data_ptr(), lse_ref.data_ptr(),
+                                           _native.num_threads())
+    return loss, lse, lse_ref
+
+
+@kl_imitation_op.register_fake
+def _(z, z_ref, mask, inv_t):
+    return tuple(z.new_empty(z.shape[0], dtype=torch.float64) for _ in range(3))
+
+
+@torch.library.custom_op("retain::kl_imitation_backward", mutates_args=())
+def kl_imitation_backward_op(grad: Tensor, loss: Tensor, lse: Tensor, lse_ref: Tensor, z: Tensor, z_ref: Tensor,
+                             inv_t: float, need_z: bool, need_z_ref: bool) -> tuple[Tensor, Tensor]:
+    """(grad_z, grad_z_ref) in one pass over the logits; an unwanted one is empty."""
+    if kernel_device("kl_imitation", z) is None:
+        raise NotImplementedError("retain::kl_imitation: the reference fallback runs through retain.ops.kl_imitation")
+    N, V = z.shape
+    gz = _native.empty_like(z) if need_z else z.new_empty(0)
+    gq = _native.empty_like(z_ref) if need_z_ref else z.new_empty(0)
+    if N:
+        g = grad.to(torch.float64).contiguous()
+        _native.lib().kl_imitation_bwd_cpu(_native.DTYPE_CODES[z.dtype], z.data_ptr(), z_ref.data_ptr(), g.data_ptr(),
+                                           loss.data_ptr(), lse.data_ptr(), lse_ref.data_ptr(), N, V, inv_t,
+                                           gz.data_ptr() if need_z else 0, gq.data_ptr() if need_z_ref else 0,
+                                           _native.num_threads())
+    return gz, gq
+
+
+@kl_imitation_backward_op.register_fake
+def _(grad, loss, lse, lse_ref, z, z_ref, inv_t, need_z, need_z_ref):
+    return (torch.empty_like(z) if need_z else z.new_empty(0), torch.empty_like(z_ref) if need_z_ref else z.new_empty(0))
+
+
+def _kl_setup_context(ctx, inputs, output):
+    z, z_ref, mask, inv_t = inputs
+    loss, lse, lse_ref = output
+    ctx.mark_non_differentiable(lse, lse_ref)
+    ctx.inv_t = inv_t
+    ctx.save_for_backward(z, z_ref, loss, lse, lse_ref, mask)
+
+
+def _kl_backward(ctx, grad_loss, _g_lse, _g_lse_ref):
+    z, z_ref, loss, lse, lse_ref, mask = ctx.saved_tensors
+    need_z, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if mask is not None:  # a masked token's loss is the constant 0
+        grad_loss = grad_loss * mask
+    gz, gq = kl_imitation_backward_op(grad_loss, loss, lse, lse_ref, z, z_ref, ctx.inv_t, need_z, need_ref)
+    return gz if need_z else None, gq if need_ref else None, None, None
+
+
+kl_imitation_op.register_autograd(_kl_backward, setup_context=_kl_setup_context)

@@ -90,3 +90,24 @@ def activation_stats_ref(h: torch.Tensor, mask: torch.Tensor | None = None):
     mean = x.mean(0) if x.shape[0] else torch.zeros(h.shape[-1], dtype=torch.float64, device=h.device)
     m2 = ((x - mean) ** 2).sum(0)
     return n, mean, m2
+
+
+def kl_imitation_ref(z: torch.Tensor, z_ref: torch.Tensor, *, temperature: float = 1.0,
+                     mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """KL(softmax(z_ref / T) || softmax(z / T)) per token over the last (vocabulary) dimension of
+    ``[..., V]`` logits, materialising the probabilities (the oracle). Reductions over the tokens
+    where ``mask`` is true: 'mean' (0 when none), 'sum', 'none' (per token, masked tokens 0)."""
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(z.to(acc) / temperature, -1)
+    logq = torch.log_softmax(z_ref.to(acc) / temperature, -1)
+    rows = (logq.exp() * (logq - logp)).sum(-1)
+    if mask is not None:
+        rows = rows * mask.to(acc)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        n = mask.sum().to(acc) if mask is not None else torch.tensor(float(rows.numel()), dtype=acc)
+        return rows.sum() / n.clamp_min(1)
+    raise ValueError(f"kl_imitation_ref: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
