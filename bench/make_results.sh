@@ -25,6 +25,7 @@ for op in linear_recurrence gated_delta_rule; do
 done
 if [[ $what == all || $what == default ]]; then
   run --op tm_loss --json $R/tm_loss_cpu.json --markdown $R/tm_loss_cpu.md
+  run --op kl_imitation --json $R/kl_imitation_cpu.json --markdown $R/kl_imitation_cpu.md
 fi
 if [[ $what == all || $what == cold ]]; then
   run --op linear_recurrence --impl retain,numba,eager,assoc-scan --cold-heap \

@@ -170,17 +170,19 @@ RETAIN_FORCE_INLINE void kl_fwd_rows(const T* __restrict z, const T* __restrict 
     const T* __restrict zr = z + r * V;
     const T* __restrict qr = z_ref + r * V;
     A m = -INFINITY, mr = -INFINITY;
+#pragma omp simd reduction(max : m, mr)
     for (int64_t v = 0; v < V; ++v) {
-      m = std::max(m, load_as<A>(zr[v]) * it);
-      mr = std::max(mr, load_as<A>(qr[v]) * it);
+      const A a = load_as<A>(zr[v]) * it, b = load_as<A>(qr[v]) * it;
+      m = a > m ? a : m;
+      mr = b > mr ? b : mr;
     }
     A s = 0, sr = 0, w = 0;  // sum exp(z/T - m), sum exp(z_ref/T - mr), sum exp(z_ref/T - mr) (z_ref - z)/T
 #pragma omp simd reduction(+ : s, sr, w)
     for (int64_t v = 0; v < V; ++v) {
       const A a = load_as<A>(zr[v]) * it;
       const A b = load_as<A>(qr[v]) * it;
-      const A eb = std::exp(b - mr);
-      s += std::exp(a - m);
+      const A eb = exp_vec(b - mr);
+      s += exp_vec(a - m);
       sr += eb;
       w += eb * (b - a);
     }
@@ -208,7 +210,7 @@ RETAIN_FORCE_INLINE void kl_bwd_rows(const T* __restrict z, const T* __restrict 
 #pragma omp simd
       for (int64_t v = 0; v < V; ++v) {
         const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
-        store_as(gz[v], gr * (std::exp(lp) - std::exp(lq)));
+        store_as(gz[v], gr * (exp_vec(lp) - exp_vec(lq)));
       }
     }
     if (grad_z_ref) {
@@ -216,7 +218,7 @@ RETAIN_FORCE_INLINE void kl_bwd_rows(const T* __restrict z, const T* __restrict 
 #pragma omp simd
       for (int64_t v = 0; v < V; ++v) {
         const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
-        store_as(gq[v], gr * std::exp(lq) * (lq - lp - kl));
+        store_as(gq[v], gr * exp_vec(lq) * (lq - lp - kl));
       }
     }
   }

@@ -96,3 +96,73 @@ register(Case(
                "second time (14 B moved per element for fwd+bwd)",
     rtol=1e-4, atol=1e-6,
 ))
+
+
+def _kl_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device).manual_seed(0)
+    N, V = p["N"], p["V"]
+    dtype = getattr(torch, p["dtype"])
+    return {"z": torch.randn(N, V, generator=gen, device=device).to(dtype) * 2,
+            "z_ref": torch.randn(N, V, generator=gen, device=device).to(dtype) * 2}
+
+
+def _kl_runner(fn, inputs) -> Runner:
+    z, q = inputs["z"], inputs["z_ref"]
+    leaf = z.detach().requires_grad_()
+    return Runner(lambda: fn(z, q), lambda: torch.autograd.grad(fn(leaf, q), leaf))
+
+
+def _kl_retain(inputs, params, device):
+    from retain import _native
+    from retain.ops import kl_imitation
+
+    if not _native.has_kernel("kl_imitation", device):
+        raise Unsupported(f"no kl_imitation kernel for {device} in this build")
+    return _kl_runner(lambda z, q: kl_imitation(z, q, temperature=2.0), inputs)
+
+
+def _kl_eager(inputs, params, device):
+    from retain.ops.margin.reference import kl_imitation_ref
+
+    return _kl_runner(lambda z, q: kl_imitation_ref(z, q, temperature=2.0), inputs)
+
+
+def _kl_compile(inputs, params, device):
+    import torch._dynamo
+
+    from retain.ops.margin.reference import kl_imitation_ref
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda z, q: kl_imitation_ref(z, q, temperature=2.0), fullgraph=True)
+    return _kl_runner(fn, inputs)
+
+
+register(Case(
+    name="kl_imitation",
+    family="margin",
+    sizes={
+        "default": {"N": 4096, "V": 32000, "dtype": "float32"},
+        "small": {"N": 16, "V": 128, "dtype": "float32"},
+    },
+    make_inputs=_kl_inputs,
+    describe=lambda p: f"N={p['N']} tokens V={p['V']} {p['dtype']}, T=2, 'mean'",
+    # the bytes it must move: both logits in (fwd); fwd+bwd also the gradient out
+    bytes_model={
+        "fwd": lambda p: 2 * p["N"] * p["V"] * _itemsize(p),
+        "fwd+bwd": lambda p: 3 * p["N"] * p["V"] * _itemsize(p),
+    },
+    impls={
+        "retain": Impl(_kl_retain, "retain.ops.kl_imitation (fused native kernel)"),
+        "eager": Impl(_kl_eager, "kl_imitation_ref: log_softmax of both, materialised [N, V] probabilities"),
+        "compile": Impl(_kl_compile, "kl_imitation_ref under torch.compile(fullgraph, inductor); warm-up = compile",
+                        jit=True),
+    },
+    grad_names=("grad_z",),
+    model_note="GB/s from the bytes it must move: z and z_ref in (fwd); fwd+bwd also the gradient out. "
+               "retain's forward reads both logits twice and its backward once more",
+    rtol=1e-4, atol=1e-6,
+))
+
+
+def _itemsize(p: dict[str, Any]) -> int:
+    return torch.empty(0, dtype=getattr(torch, p["dtype"])).element_size()
