@@ -119,6 +119,11 @@ def register(case: Case) -> Case:
     return case
 
 
+def itemsize(params: dict[str, Any]) -> int:
+    """Bytes per element of the case's ``dtype`` parameter (for bytes models)."""
+    return torch.empty(0, dtype=getattr(torch, params["dtype"])).element_size()
+
+
 def autograd_runner(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor],
                      args: Sequence[str], grad_out: str) -> Runner:
     """Runner for a differentiable torch function ``fn(*inputs[args])``: fwd without autograd,

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from retain.bench import Case, Impl, Runner, Unsupported, register
+from retain.bench import Case, Impl, Runner, Unsupported, itemsize, register
 
 
 def _tm_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
@@ -148,8 +148,8 @@ register(Case(
     describe=lambda p: f"N={p['N']} tokens V={p['V']} {p['dtype']}, T=2, 'mean'",
     # the bytes it must move: both logits in (fwd); fwd+bwd also the gradient out
     bytes_model={
-        "fwd": lambda p: 2 * p["N"] * p["V"] * _itemsize(p),
-        "fwd+bwd": lambda p: 3 * p["N"] * p["V"] * _itemsize(p),
+        "fwd": lambda p: 2 * p["N"] * p["V"] * itemsize(p),
+        "fwd+bwd": lambda p: 3 * p["N"] * p["V"] * itemsize(p),
     },
     impls={
         "retain": Impl(_kl_retain, "retain.ops.kl_imitation (fused native kernel)"),
@@ -162,7 +162,3 @@ register(Case(
                "retain's forward reads both logits twice and its backward once more",
     rtol=1e-4, atol=1e-6,
 ))
-
-
-def _itemsize(p: dict[str, Any]) -> int:
-    return torch.empty(0, dtype=getattr(torch, p["dtype"])).element_size()

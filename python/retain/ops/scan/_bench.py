@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from retain.bench import Case, Impl, Runner, Unsupported, autograd_runner, register
+from retain.bench import Case, Impl, Runner, Unsupported, autograd_runner, itemsize, register
 
 
 # --------------------------------------------------------------------------------------------
@@ -29,10 +29,6 @@ def _lr_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
 
 def _lr_numel(p: dict[str, Any]) -> int:
     return p["B"] * p["T"] * p["D"]
-
-
-def _itemsize(p: dict[str, Any]) -> int:
-    return torch.empty(0, dtype=getattr(torch, p["dtype"])).element_size()
 
 
 def _lr_retain(inputs, params, device):
@@ -174,8 +170,8 @@ register(Case(
     describe=lambda p: f"B={p['B']} T={p['T']} D={p['D']} {p['dtype']}",
     # forward reads a, x and writes h; backward reads a, h, grad_h and writes grad_x, grad_a
     bytes_model={
-        "fwd": lambda p: 3 * _lr_numel(p) * _itemsize(p),
-        "fwd+bwd": lambda p: 8 * _lr_numel(p) * _itemsize(p),
+        "fwd": lambda p: 3 * _lr_numel(p) * itemsize(p),
+        "fwd+bwd": lambda p: 8 * _lr_numel(p) * itemsize(p),
     },
     impls={
         "retain": Impl(_lr_retain, "retain.ops.linear_recurrence (native kernel)"),

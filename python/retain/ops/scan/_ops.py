@@ -150,7 +150,7 @@ def checkpoint_every(K: int, V: int, dtype: torch.dtype) -> int:
     return max(1, min(64, CKPT_BYTES // max(nbytes, 1)))
 
 
-def _ms_shapes(q, v, initial_S, cu_seqlens, states_every, states_rows, ckpt_every):
+def _ms_shapes(q, v, cu_seqlens, states_every, states_rows, ckpt_every):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
@@ -180,7 +180,7 @@ def _ms_params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objectiv
                retention_first, gate_log, states_every, states_rows):
     K = q.shape[-1]
     gate_kind = 0 if g is None else (1 if g.dim() == 3 else 2)
-    d = _ms_shapes(q, v, initial_S, cu_seqlens, states_every, states_rows, checkpoint_every(K, v.shape[-1], q.dtype))
+    d = _ms_shapes(q, v, cu_seqlens, states_every, states_rows, checkpoint_every(K, v.shape[-1], q.dtype))
     d.update(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), beta=beta.data_ptr(), g=_ptr(g), eta=_ptr(eta),
              initial_S=_ptr(initial_S), initial_Z=_ptr(initial_Z), cu_seqlens=_ptr(cu_seqlens),
              scale=scale, p=p, delta=delta, eps=LP_EPS, objective=objective, gate_kind=gate_kind, l2norm=l2norm,
