@@ -13,9 +13,9 @@ Examples::
     torch.Size([2, 16, 8])
 """
 
-from retain import ops
+from retain import cl, ops
 from retain._native import capabilities, native_available
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "capabilities", "native_available", "__version__"]
+__all__ = ["cl", "ops", "capabilities", "native_available", "__version__"]

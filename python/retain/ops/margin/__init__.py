@@ -128,6 +128,39 @@ class ActivationStats:
         m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
         return ActivationStats(n, mean, m2)
 
+    @staticmethod
+    def combine(parts: "list[ActivationStats]") -> "ActivationStats":
+        """Statistics of the union of ``parts`` from sums only (the form :meth:`all_reduce` uses):
+        mean = Σ nᵢ·meanᵢ / n, m2 = Σ [m2ᵢ + nᵢ (meanᵢ − mean)²]. Deviations are taken from the
+        global mean, so this is as exact as :meth:`merge` and independent of the order of parts."""
+        if not parts:
+            raise ValueError("ActivationStats.combine: needs at least one ActivationStats, got none")
+        n = sum(p.count for p in parts)
+        mean = sum(p.count * p.mean for p in parts) / n.clamp_min(1)
+        m2 = sum(p.m2 + p.count * (p.mean - mean) ** 2 for p in parts)
+        return ActivationStats(n, mean, m2)
+
+    def all_reduce(self, group=None) -> "ActivationStats":
+        """Statistics of every rank's data, returned on every rank (``torch.distributed``
+        initialised; tensors on the device the backend expects, e.g. CUDA for NCCL). Two
+        ``all_reduce(SUM)`` calls (float64 ``[D + 1]`` then ``[D]``), the :meth:`combine` formula:
+        exact (no E[h²] − mean²) and independent of the reduction order up to rounding."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ActivationStats.all_reduce: torch.distributed is not initialised "
+                               "(call torch.distributed.init_process_group first)")
+        sums = torch.cat([self.count.reshape(1), self.count * self.mean])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        n = sums[0]
+        mean = sums[1:] / n.clamp_min(1)
+        m2 = self.m2 + self.count * (self.mean - mean) ** 2
+        dist.all_reduce(m2, op=dist.ReduceOp.SUM, group=group)
+        return ActivationStats(n, mean, m2)
+
+    def to(self, device) -> "ActivationStats":
+        return ActivationStats(self.count.to(device), self.mean.to(device), self.m2.to(device))
+
     def variance(self, unbiased: bool = True) -> Tensor:
         d = self.count - 1 if unbiased else self.count
         return self.m2 / d.clamp_min(1)
