@@ -38,6 +38,9 @@ echo "=== GPU"
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
 command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc not on PATH (CMake may still find CUDA)"
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available:', torch.cuda.is_available())"
+# peers of the scan cases (fla's fused-recurrent and chunk delta rules) run only when fla imports
+"$PY" -c "import fla; print('flash-linear-attention', fla.__version__)" 2>/dev/null \
+  || echo "flash-linear-attention not installed: its peers are reported as not installed"
 
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
   export RETAIN_CUDA=ON RETAIN_CUDA_ARCHS="${RETAIN_CUDA_ARCHS:-90}"

@@ -14,6 +14,10 @@ namespace retain::scan {
 enum class Objective : int { Dot = 0, L2 = 1, Lp = 2, Huber = 3 };
 enum class GateKind : int { None = 0, PerHead = 1, PerKey = 2 };
 
+// Largest K the CUDA kernel takes (KR <= 32 rows of a column per thread, KS <= 8 threads per
+// column); python/retain/ops/scan/_memory.py checks it first (CUDA_MAX_HEAD_DIM_K).
+constexpr int64_t kMemoryScanCudaMaxK = 256;
+
 // The attentional-bias gradient psi(e) of each objective and its derivative d psi / d e.
 // 'dot' has no error term (psi = -v): callers handle it before reaching these.
 template <typename A>

@@ -38,4 +38,18 @@ void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads);
 template <typename T>
 void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int nthreads);
 
+#ifdef RETAIN_WITH_CUDA
+template <typename T>
+void memory_scan_fwd_cuda(const MemoryScanParams<T>& P, std::uintptr_t stream);
+
+// The backward takes a float workspace (Acc<T>) of memory_scan_cuda_work_numel(...) values:
+// per-V-tile partial sums of the row reductions and one chunk of recomputed states per block.
+template <typename T>
+void memory_scan_bwd_cuda(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, Acc<T>* work,
+                          int64_t work_numel, std::uintptr_t stream);
+
+int64_t memory_scan_cuda_work_numel(int64_t B, int64_t T, int64_t H, int64_t K, int64_t V, int64_t N, int64_t C,
+                                    bool momentum, bool need_da);
+#endif
+
 }  // namespace retain::scan

@@ -28,9 +28,9 @@ def gen(seed):
 
 
 def make_case(B=2, T=13, H=2, K=5, V=3, *, dtype=F64, gate=None, momentum=False, initial=False, seed=0,
-              requires_grad=True):
-    """Inputs of memory_scan in float64, rounded to ``dtype``: keys scaled so the delta rule stays
-    stable, gates in (0, 1) as log values, beta and eta in [0, 1)."""
+              requires_grad=True, device="cpu"):
+    """Inputs of memory_scan in float64, rounded to ``dtype`` and moved to ``device``: keys scaled so
+    the delta rule stays stable, gates in (0, 1) as log values, beta and eta in [0, 1)."""
     g_ = gen(seed)
     t = lambda *s, scale=1.0: (torch.randn(s, generator=g_, dtype=F64) * scale)  # noqa: E731
     u = lambda *s: torch.rand(s, generator=g_, dtype=F64)  # noqa: E731
@@ -41,10 +41,10 @@ def make_case(B=2, T=13, H=2, K=5, V=3, *, dtype=F64, gate=None, momentum=False,
         case["g"] = -u(B, T, H, K) * 0.5
     if momentum:
         case["eta"] = u(B, T, H) * 0.9
-    leaf = lambda x: x.to(dtype).requires_grad_(requires_grad)  # noqa: E731
+    leaf = lambda x: x.to(dtype).to(device).requires_grad_(requires_grad)  # noqa: E731
     case = {name: leaf(x) for name, x in case.items()}
     if initial:  # in the state dtype: float32, float64 for float64 inputs
-        state = lambda: t(B, H, K, V).to(_ops.acc_dtype(dtype)).requires_grad_(requires_grad)  # noqa: E731
+        state = lambda: t(B, H, K, V).to(_ops.acc_dtype(dtype)).to(device).requires_grad_(requires_grad)  # noqa: E731
         S0 = state()
         case["initial_state"] = (S0, state()) if momentum else S0
     return case
@@ -59,7 +59,7 @@ def leaves(case):
 
 def scalar_loss(o, final, states):
     """A loss that weighs every output element differently, so every gradient path is exercised."""
-    w = torch.cos(torch.arange(o.numel(), dtype=torch.float64)).reshape(o.shape).to(o.dtype)
+    w = torch.cos(torch.arange(o.numel(), dtype=torch.float64, device=o.device)).reshape(o.shape).to(o.dtype)
     loss = (o * w).sum()
     finals = final if isinstance(final, tuple) else (final,)
     for i, f in enumerate(x for x in finals if x is not None):
@@ -387,3 +387,168 @@ def test_named_op_errors_name_the_named_op():
     with pytest.raises(ValueError, match=r"retain\.ops\.gated_delta_rule: g must have shape"):
         gated_delta_rule(c["q"], c["k"], c["v"], torch.zeros(3, dtype=F64), c["beta"])
     assert _memory.MAX_HEAD_DIM == 1024
+
+
+# CUDA kernel (memory_scan_cuda.cu) --------------------------------------------------------------
+
+CUDA = torch.cuda.is_available() and _native.has_kernel("memory_scan", "cuda")
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a GPU and retain built with CUDA kernels (RETAIN_CUDA=ON)")
+
+
+def cuda_case(*args, **kwargs):
+    return make_case(*args, device="cuda", **kwargs)
+
+
+@cuda_only
+def test_memory_scan_cuda_is_listed():
+    assert "cuda" in retain.capabilities()["kernels"]["memory_scan"]
+
+
+@cuda_only
+@pytest.mark.parametrize("objective,gate,momentum,retention_first", CONFIGS,
+                         ids=["-".join(map(str, c)) for c in CONFIGS])
+def test_memory_scan_cuda_matches_reference_float64(objective, gate, momentum, retention_first):
+    case = cuda_case(gate=gate, momentum=momentum, initial=True, seed=len(objective))
+    check_memory_scan(case, objective=objective, p=3.0, delta=0.4, retention_first=retention_first, states_every=4)
+
+
+# K and V across the kernel's geometries: rows per thread 8/16/32, threads per column 1..8, one or
+# several V tiles with ghost columns in the last, chunks of 64 and of 16 steps (K = V = 128 in float64)
+CUDA_SHAPES = [(1, 1), (5, 3), (8, 33), (17, 100), (64, 64), (65, 40), (128, 128), (129, 7), (256, 20)]
+
+
+@cuda_only
+@pytest.mark.parametrize("K,V", CUDA_SHAPES, ids=[f"K{k}-V{v}" for k, v in CUDA_SHAPES])
+@pytest.mark.parametrize("objective", ["l2", "lp"])
+def test_memory_scan_cuda_head_dims(K, V, objective):
+    case = cuda_case(B=2, T=70, H=2, K=K, V=V, gate="key", momentum=True, initial=True, seed=K + V)
+    check_memory_scan(case, objective=objective, p=2.5, use_qk_l2norm=True, states_every=5)
+
+
+@cuda_only
+@pytest.mark.parametrize("use_qk_l2norm", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.7])
+def test_memory_scan_cuda_l2norm_and_scale(use_qk_l2norm, scale):
+    case = cuda_case(gate="head", momentum=True, initial=True, seed=3)
+    check_memory_scan(case, use_qk_l2norm=use_qk_l2norm, scale=scale)
+
+
+@cuda_only
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
+def test_memory_scan_cuda_checkpoint_boundaries(T):
+    case = cuda_case(B=1, T=T, H=1, gate="key", momentum=True, initial=True, seed=T)
+    check_memory_scan(case, states_every=7)
+
+
+@cuda_only
+@pytest.mark.parametrize("momentum", [False, True])
+def test_memory_scan_cuda_varlen(momentum):
+    lengths = [5, 0, 9, 1, 70]  # an empty sequence, one step, one across a checkpoint
+    T = sum(lengths)
+    case = cuda_case(B=1, T=T, H=2, K=6, V=40, gate="head", momentum=momentum, seed=13)
+    N = len(lengths)
+    state = lambda: torch.randn(N, 2, 6, 40, dtype=F64, device="cuda", requires_grad=True)  # noqa: E731
+    case["initial_state"] = (state(), state()) if momentum else state()
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device="cuda")
+    check_memory_scan(case, cu_seqlens=cu, states_every=2, retention_first=True, use_qk_l2norm=True)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("momentum", [False, True])
+def test_memory_scan_cuda_low_precision(dtype, momentum):
+    case = cuda_case(B=1, T=20, H=2, K=8, V=8, dtype=dtype, gate="head", momentum=momentum, initial=True, seed=7)
+    check_memory_scan(case)
+    o, S, _ = memory_scan(case["q"], case["k"], case["v"], case["beta"], output_final_state=True)
+    assert o.dtype == dtype and S.dtype == torch.float32 and o.is_cuda
+
+
+@cuda_only
+@pytest.mark.parametrize("name,op,op_ref", NAMED, ids=[n[0] for n in NAMED])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_named_ops_cuda_match_their_references(name, op, op_ref, dtype):
+    case = cuda_case(B=2, T=11, H=2, K=6, V=4, dtype=dtype, gate="head", momentum=True, seed=29)
+    got, want = op(case), op_ref(case)
+    assert_close(got[0], want[0])
+    flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
+    for a, b in zip(flat(got[1]), flat(want[1])):
+        assert_close(a, b)
+    inputs = leaves(case)
+    g_got = torch.autograd.grad(scalar_loss(got[0], got[1], None), inputs, allow_unused=True)
+    g_want = torch.autograd.grad(scalar_loss(want[0], want[1], None), inputs, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        if b is not None:
+            assert_close(a, b)
+
+
+def _run_all(case, **kwargs):
+    """Outputs and every gradient of one memory_scan call (for comparing runs)."""
+    args = [case[n] for n in ("q", "k", "v", "beta")]
+    extra = {n: case[n] for n in ("g", "eta", "initial_state") if n in case}
+    o, final, states = memory_scan(*args, **extra, output_final_state=True, **kwargs)
+    grads = torch.autograd.grad(scalar_loss(o, final, states), leaves(case))
+    finals = final if isinstance(final, tuple) else (final,)
+    return [o, *finals, *([states] if states is not None else []), *grads]
+
+
+@cuda_only
+def test_memory_scan_cuda_matches_cpu_kernel():
+    kw = dict(B=2, T=150, H=3, K=32, V=48, gate="key", momentum=True, initial=True, seed=59)
+    opts = dict(use_qk_l2norm=True, retention_first=True, states_every=16, objective="huber", delta=0.5)
+    for a, b in zip(_run_all(cuda_case(**kw), **opts), _run_all(make_case(**kw), **opts)):
+        assert_close(a, b)
+
+
+@cuda_only
+def test_memory_scan_cuda_same_bits_every_run_and_stream():
+    case = cuda_case(B=2, T=100, H=2, K=64, V=64, dtype=torch.float32, gate="key", momentum=True, seed=61)
+    first = _run_all(case, states_every=10)
+    again = _run_all(case, states_every=10)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = _run_all(case, states_every=10)
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b, c in zip(first, again, on_side):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@cuda_only
+def test_memory_scan_cuda_empty_sequence():
+    case = cuda_case(B=2, T=0, initial=True, seed=23)
+    o, S, _ = memory_scan(case["q"], case["k"], case["v"], case["beta"], initial_state=case["initial_state"],
+                          output_final_state=True)
+    assert o.shape == (2, 0, 2, 3)
+    assert_close(S, case["initial_state"])
+    (gS,) = torch.autograd.grad((S * 2).sum(), case["initial_state"])
+    assert_close(gS, torch.full_like(gS, 2.0))
+
+
+@cuda_only
+def test_memory_scan_cuda_opcheck_and_compile():
+    c = cuda_case(B=1, T=5, H=2, K=3, V=2, gate="key", momentum=True, initial=True, seed=41)
+    S0, Z0 = c["initial_state"]
+    args = (c["q"], c["k"], c["v"], c["beta"], c["g"], c["eta"], S0, Z0, None, 1, 3.0, 1.0, 0.5, True, False,
+            True, 2, 2, True)
+    torch.library.opcheck(_ops.memory_scan_op, args)
+    torch._dynamo.reset()
+
+    def model(q, k, v, beta, g, eta):
+        o, (S, Z), states = memory_scan(q, k, v, beta, g=g, eta=eta, output_final_state=True, states_every=2)
+        return o.square().mean() + S.sum() * 0.1 + states.mean()
+
+    args = (c["q"], c["k"], c["v"], c["beta"], c["g"], c["eta"])
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    got, want = compiled(*args), model(*args)
+    assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
+        assert_close(a, b)
+
+
+@cuda_only
+def test_memory_scan_cuda_head_dim_limit():
+    q = torch.zeros(1, 2, 1, 257, device="cuda")
+    v = torch.zeros(1, 2, 1, 4, device="cuda")
+    with pytest.raises(ValueError, match=r"retain\.ops\.memory_scan: head dimension K must be <= 256 for CUDA "
+                                         r"tensors .*got 257"):
+        memory_scan(q, q, v, 0.5)

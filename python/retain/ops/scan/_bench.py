@@ -327,6 +327,32 @@ def _gdr_numba(inputs, params, device):
     return Runner(lambda: fwd(*arrays, scale), None, torch.from_numpy)
 
 
+def _fla_cuda(device: str):
+    """flash-linear-attention's Triton kernels: CUDA only; ImportError (reported as not installed)
+    when fla is missing."""
+    if device != "cuda":
+        raise Unsupported("flash-linear-attention's Triton kernels run on CUDA tensors")
+    import fla.ops  # noqa: F401
+
+
+def _gdr_fla_fused_recurrent(inputs, params, device):
+    _fla_cuda(device)
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    runner = autograd_runner(lambda q, k, v, g, beta: fused_recurrent_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta)[0],
+                             inputs, _GDR_ARGS, "grad_o")
+    runner.fwdbwd = None  # fla implements no backward for its fused recurrent gated delta rule
+    return runner
+
+
+def _gdr_fla_chunk(inputs, params, device):
+    _fla_cuda(device)
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return autograd_runner(lambda q, k, v, g, beta: chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta)[0],
+                           inputs, _GDR_ARGS, "grad_o")
+
+
 def _gdr_tokens(p):
     return p["B"] * p["T"] * p["H"]
 
@@ -352,10 +378,80 @@ register(Case(
                                       "warm-up = cold compile", jit=True),
         "numba": Impl(_gdr_numba, "@njit(parallel=True, fastmath=True) loop, prange over B*H, forward only; "
                                   "warm-up = JIT", jit=True),
+        "fla-fused-recurrent": Impl(_gdr_fla_fused_recurrent, "flash-linear-attention's "
+                                    "fused_recurrent_gated_delta_rule (Triton, CUDA; forward only)", jit=True),
+        "fla-chunk": Impl(_gdr_fla_chunk, "flash-linear-attention's chunk_gated_delta_rule (Triton, CUDA, "
+                                          "chunked WY form on tensor cores)", jit=True),
     },
     grad_names=("grad_q", "grad_k", "grad_v", "grad_g", "grad_beta"),
     model_note="GFLOP/s from the flops model: 6*K*V per token and head forward (error, update, readout: three "
                "K x V multiply-adds); fwd+bwd 22*K*V (eight more K x V multiply-adds in the backward; the "
                "kernel's recomputation of states is not counted)",
+    rtol=2e-3, atol=2e-3,
+))
+
+
+# --------------------------------------------------------------------------------------------
+# delta_rule: S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T (the gated case without g)
+# --------------------------------------------------------------------------------------------
+
+_DR_ARGS = ("q", "k", "v", "beta")
+
+
+def _dr_retain(inputs, params, device):
+    from retain import _native
+    from retain.ops import delta_rule
+
+    if not _native.has_kernel("memory_scan", device):
+        raise Unsupported(f"no memory_scan kernel for {device} in this build")
+    return autograd_runner(lambda *a: delta_rule(*a)[0], inputs, _DR_ARGS, "grad_o")
+
+
+def _dr_eager(inputs, params, device):
+    from retain.ops.scan.reference import delta_rule_ref
+
+    return autograd_runner(lambda *a: delta_rule_ref(*a)[0], inputs, _DR_ARGS, "grad_o")
+
+
+def _dr_fla_fused_recurrent(inputs, params, device):
+    _fla_cuda(device)
+    from fla.ops.delta_rule import fused_recurrent_delta_rule
+
+    return autograd_runner(lambda q, k, v, beta: fused_recurrent_delta_rule(q=q, k=k, v=v, beta=beta)[0],
+                           inputs, _DR_ARGS, "grad_o")
+
+
+def _dr_fla_chunk(inputs, params, device):
+    _fla_cuda(device)
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    return autograd_runner(lambda q, k, v, beta: chunk_delta_rule(q=q, k=k, v=v, beta=beta)[0],
+                           inputs, _DR_ARGS, "grad_o")
+
+
+register(Case(
+    name="delta_rule",
+    family="scan",
+    sizes={
+        "default": {"B": 2, "T": 2048, "H": 4, "K": 64, "V": 64, "dtype": "float32"},
+        "small": {"B": 1, "T": 64, "H": 2, "K": 16, "V": 16, "dtype": "float32"},
+    },
+    make_inputs=lambda p, device: {n: x for n, x in _gdr_inputs(p, device).items() if n != "g"},
+    describe=lambda p: f"B={p['B']} T={p['T']} H={p['H']} K={p['K']} V={p['V']} {p['dtype']}",
+    flops_model={
+        "fwd": lambda p: 6 * p["K"] * p["V"] * _gdr_tokens(p),
+        "fwd+bwd": lambda p: 22 * p["K"] * p["V"] * _gdr_tokens(p),
+    },
+    impls={
+        "retain": Impl(_dr_retain, "retain.ops.delta_rule (native memory_scan kernel)"),
+        "eager": Impl(_dr_eager, "reference loop delta_rule_ref (retain.ops.scan.reference)"),
+        "fla-fused-recurrent": Impl(_dr_fla_fused_recurrent, "flash-linear-attention's fused_recurrent_delta_rule "
+                                                             "(Triton, CUDA)", jit=True),
+        "fla-chunk": Impl(_dr_fla_chunk, "flash-linear-attention's chunk_delta_rule (Triton, CUDA, chunked WY "
+                                         "form on tensor cores)", jit=True),
+    },
+    grad_names=("grad_q", "grad_k", "grad_v", "grad_beta"),
+    model_note="GFLOP/s from the flops model, as gated_delta_rule: 6*K*V per token and head forward, 22*K*V "
+               "fwd+bwd",
     rtol=2e-3, atol=2e-3,
 ))

@@ -11,6 +11,7 @@ from retain.ops.scan import reference
 from retain.ops.scan._ops import OBJECTIVE_CODES, acc_dtype, memory_scan_op
 
 MAX_HEAD_DIM = 1024  # K and V beyond this are rejected: a chunk of checkpointed states would not fit cache
+CUDA_MAX_K = 256  # the CUDA kernel keeps a column of S in registers: K rows over at most 8 threads of 32 rows
 
 
 def _as_gate(op: str, name: str, x, ref: Tensor, shape) -> Tensor | None:
@@ -52,6 +53,10 @@ def _memory_scan(op, q, k, v, beta, *, g=None, eta=None, objective="l2", p=3.0, 
     for name, size in (("K", K), ("V", V)):
         if not 1 <= size <= MAX_HEAD_DIM:
             raise ValueError(f"{op}: head dimension {name} must be in [1, {MAX_HEAD_DIM}], got {size}")
+    if q.device.type == "cuda" and K > CUDA_MAX_K and kernel_device("memory_scan", q) is not None:
+        raise ValueError(f"{op}: head dimension K must be <= {CUDA_MAX_K} for CUDA tensors (the fused-recurrent "
+                         f"kernel holds a column of the state in registers), got {K}; run on the CPU or split the "
+                         "keys into heads")
     beta = _as_gate(op, "beta", beta, q, (B, T, H))
     eta = _as_gate(op, "eta", eta, q, (B, T, H))
     if g is not None:

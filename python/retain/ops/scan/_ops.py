@@ -218,7 +218,12 @@ def memory_scan_op(
              states=_ptr(states if states_every > 0 else None),
              ckpt_S=_ptr(ckpt_S if save_ckpt else None), ckpt_Z=_ptr(ckpt_Z if save_ckpt and eta is not None else None))
     if o.numel() or final_S.numel():
-        _native.lib().memory_scan_fwd_cpu(_native.DTYPE_CODES[q.dtype], d, _native.num_threads())
+        code = _native.DTYPE_CODES[q.dtype]
+        if q.device.type == "cpu":
+            _native.lib().memory_scan_fwd_cpu(code, d, _native.num_threads())
+        else:
+            with torch.cuda.device(q.device):
+                _native.lib().memory_scan_fwd_cuda(code, d, _native.cuda_stream(q.device))
     return outs
 
 
@@ -252,8 +257,26 @@ def memory_scan_backward_op(
               grad_states=_ptr(grad_states), empty=grad_o.numel() == 0)
     dS0, dZ0 = grads[6], grads[7]
     if grad_o.numel() or dS0.numel():
-        _native.lib().memory_scan_bwd_cpu(_native.DTYPE_CODES[q.dtype], d, gd, _native.num_threads())
+        code = _native.DTYPE_CODES[q.dtype]
+        if q.device.type == "cpu":
+            _native.lib().memory_scan_bwd_cpu(code, d, gd, _native.num_threads())
+        else:
+            _backward_cuda(code, d, gd, q, v, g, eta, cu_seqlens)
     return grads
+
+
+def _backward_cuda(code, d, gd, q, v, g, eta, cu_seqlens):
+    """The CUDA backward with its workspace: per-V-tile partial sums of the row reductions (added
+    in a fixed order afterwards, so results are deterministic) and one chunk of recomputed states
+    per block; its size comes from the native side, which owns the launch geometry."""
+    lib = _native.lib()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    numel = lib.memory_scan_cuda_work_numel(B, T, H, K, V, N, d["ckpt_every"], eta is not None, g is not None)
+    work = torch.empty(numel, dtype=acc_dtype(q.dtype), device=q.device)
+    with torch.cuda.device(q.device):
+        lib.memory_scan_bwd_cuda(code, d, gd, work.data_ptr(), numel, _native.cuda_stream(q.device))
 
 
 def _ms_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, empty):
