@@ -9,6 +9,7 @@
 
 #include "common/isa.h"
 #include "common/parallel.h"
+#include "common/vec.h"
 #include "scan/memory_scan.h"
 #include "scan/scan.h"
 
@@ -44,40 +45,6 @@ RETAIN_FORCE_INLINE void prefetch_bytes(const void* p, int64_t bytes, bool for_w
   for (int64_t off = 0; off < bytes; off += 64) {
     if (for_write) __builtin_prefetch(c + off, 1, 3); else __builtin_prefetch(c + off, 0, 3);
   }
-}
-
-// 64-byte vectors (GCC/Clang vector extensions) for accumulators that must stay in registers
-// across the K rows: arrays of scalars are spilled to the stack by the compiler, and the
-// store-to-load round trip then bounds the loop.
-template <typename A>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef float unaligned __attribute__((vector_size(64), aligned(4)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef double unaligned __attribute__((vector_size(64), aligned(8)));
-};
-template <typename A>
-constexpr int64_t kLanes = 64 / sizeof(A);
-
-template <typename A>
-RETAIN_FORCE_INLINE typename Vec<A>::type vload(const A* p) {
-  return *reinterpret_cast<const typename Vec<A>::unaligned*>(p);
-}
-template <typename A>
-RETAIN_FORCE_INLINE void vstore(A* p, typename Vec<A>::type v) {
-  *reinterpret_cast<typename Vec<A>::unaligned*>(p) = v;
-}
-
-template <typename A>
-RETAIN_FORCE_INLINE A vsum(typename Vec<A>::type v) {
-  A s = 0;
-  for (int64_t l = 0; l < kLanes<A>; ++l) s += v[l];
-  return s;
 }
 
 // One (sequence, head) pair's view of the inputs and the per-step vectors they load into.
