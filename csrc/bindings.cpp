@@ -27,6 +27,7 @@ constexpr const char* kLinearRecurrence = "retain::linear_recurrence";
 constexpr const char* kMemoryScan = "retain::memory_scan";
 constexpr const char* kTmLoss = "retain::tm_loss";
 constexpr const char* kKl = "retain::kl_imitation";
+constexpr const char* kFeature = "retain::feature_imitation";
 
 py::dict build_info() {
   py::dict info;
@@ -196,11 +197,18 @@ PYBIND11_MODULE(_C, m) {
   kernels["linear_recurrence"] = lr_devices;
   py::list ms_devices;
   ms_devices.append("cpu");
+#ifdef RETAIN_WITH_CUDA
+  ms_devices.append("cuda");  // memory_scan_cuda.cu
+#endif
   kernels["memory_scan"] = ms_devices;
   py::list tm_devices;
   tm_devices.append("cpu");
+#ifdef RETAIN_WITH_CUDA
+  tm_devices.append("cuda");  // margin_cuda.cu: tm_loss, kl_imitation, feature_imitation
+#endif
   kernels["tm_loss"] = tm_devices;
   kernels["kl_imitation"] = tm_devices;
+  kernels["feature_imitation"] = tm_devices;
   m.attr("kernels") = kernels;
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -262,6 +270,24 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
   m.def(
+      "kl_imitation_fwd_grad_cpu",
+      [](int dtype, uintptr_t z, uintptr_t z_ref, uintptr_t mask, int64_t N, int64_t V, double inv_t,
+         double grad_scale, uintptr_t loss, uintptr_t lse, uintptr_t lse_ref, uintptr_t grad_z, uintptr_t grad_z_ref,
+         int nthreads) {
+        retain::check_sizes({N, V}, kKl);
+        retain::check(V > 0, kKl, "the vocabulary must not be empty");
+        RETAIN_DISPATCH_FLOATING(dtype, kKl, [&] {
+          retain::margin::kl_imitation_fwd_grad_cpu(
+              retain::as_ptr<scalar_t>(z, kKl, "z"), retain::as_ptr<scalar_t>(z_ref, kKl, "z_ref"),
+              retain::as_ptr<uint8_t>(mask, kKl, "mask", true), N, V, inv_t, grad_scale,
+              retain::as_mut_ptr<double>(loss, kKl, "loss"), retain::as_mut_ptr<double>(lse, kKl, "lse"),
+              retain::as_mut_ptr<double>(lse_ref, kKl, "lse_ref"),
+              retain::as_mut_ptr<scalar_t>(grad_z, kKl, "grad_z", true),
+              retain::as_mut_ptr<scalar_t>(grad_z_ref, kKl, "grad_z_ref", true), nthreads);
+        });
+      },
+      nogil);
+  m.def(
       "kl_imitation_bwd_cpu",
       [](int dtype, uintptr_t z, uintptr_t z_ref, uintptr_t g, uintptr_t loss, uintptr_t lse, uintptr_t lse_ref,
          int64_t N, int64_t V, double inv_t, uintptr_t grad_z, uintptr_t grad_z_ref, int nthreads) {
@@ -276,6 +302,122 @@ PYBIND11_MODULE(_C, m) {
         });
       },
       nogil);
+  m.def(
+      "feature_imitation_fwd_cpu",
+      [](int dtype, uintptr_t h, uintptr_t h_ref, uintptr_t mask, int64_t N, int64_t D, int p, uintptr_t loss,
+         int nthreads) {
+        retain::check_sizes({N, D}, kFeature);
+        retain::check(p == 1 || p == 2, kFeature, "p must be 1 or 2, got " + std::to_string(p));
+        RETAIN_DISPATCH_FLOATING(dtype, kFeature, [&] {
+          retain::margin::feature_imitation_fwd_cpu(
+              retain::as_ptr<scalar_t>(h, kFeature, "h"), retain::as_ptr<scalar_t>(h_ref, kFeature, "h_ref"),
+              retain::as_ptr<uint8_t>(mask, kFeature, "mask", true), N, D, p,
+              retain::as_mut_ptr<double>(loss, kFeature, "loss"), nthreads);
+        });
+      },
+      nogil);
+  m.def(
+      "feature_imitation_bwd_cpu",
+      [](int dtype, uintptr_t h, uintptr_t h_ref, uintptr_t g, uintptr_t mask, int64_t N, int64_t D, int p,
+         uintptr_t grad_h, uintptr_t grad_h_ref, int nthreads) {
+        retain::check_sizes({N, D}, kFeature);
+        retain::check(p == 1 || p == 2, kFeature, "p must be 1 or 2, got " + std::to_string(p));
+        RETAIN_DISPATCH_FLOATING(dtype, kFeature, [&] {
+          retain::margin::feature_imitation_bwd_cpu(
+              retain::as_ptr<scalar_t>(h, kFeature, "h"), retain::as_ptr<scalar_t>(h_ref, kFeature, "h_ref"),
+              retain::as_ptr<double>(g, kFeature, "grad"), retain::as_ptr<uint8_t>(mask, kFeature, "mask", true), N, D,
+              p, retain::as_mut_ptr<scalar_t>(grad_h, kFeature, "grad_h", true),
+              retain::as_mut_ptr<scalar_t>(grad_h_ref, kFeature, "grad_h_ref", true), nthreads);
+        });
+      },
+      nogil);
+#ifdef RETAIN_WITH_CUDA
+  // margin family on CUDA (margin_cuda.cu): the CPU entries' arguments with a stream for the thread
+  // count; tm_loss_bwd_cuda takes the address of its float64 scale on the device.
+  m.def(
+      "tm_loss_fwd_cuda",
+      [](int dtype, bool packed, uintptr_t h, uintptr_t labels, int64_t label_row, uintptr_t pos, uintptr_t neg,
+         bool per_sample, uintptr_t mask, int64_t B, int64_t L, int64_t D, uintptr_t row_sum, uintptr_t row_count,
+         uintptr_t stream) {
+        auto* sums = retain::as_mut_ptr<double>(row_sum, kTmLoss, "row_sum", B * L == 0);
+        auto* counts = retain::as_mut_ptr<int64_t>(row_count, kTmLoss, "row_count", B * L == 0);
+        tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D, [&](auto hp, auto lp, auto pp, auto np, auto mp) {
+          retain::margin::tm_loss_fwd_cuda(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums, counts, stream);
+        });
+      },
+      nogil);
+  m.def(
+      "tm_loss_bwd_cuda",
+      [](int dtype, bool packed, uintptr_t h, uintptr_t labels, int64_t label_row, uintptr_t pos, uintptr_t neg,
+         bool per_sample, uintptr_t mask, int64_t B, int64_t L, int64_t D, uintptr_t scale, uintptr_t grad,
+         uintptr_t stream) {
+        const auto* sp = retain::as_ptr<double>(scale, kTmLoss, "scale");
+        tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D, [&](auto hp, auto lp, auto pp, auto np, auto mp) {
+          using Tp = std::remove_const_t<std::remove_pointer_t<decltype(hp)>>;
+          auto* gp = retain::as_mut_ptr<Tp>(grad, kTmLoss, "grad_h", B * L * D == 0);
+          retain::margin::tm_loss_bwd_cuda(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sp, gp, stream);
+        });
+      },
+      nogil);
+  m.def(
+      "kl_imitation_fwd_cuda",
+      [](int dtype, uintptr_t z, uintptr_t z_ref, uintptr_t mask, int64_t N, int64_t V, double inv_t, uintptr_t loss,
+         uintptr_t lse, uintptr_t lse_ref, uintptr_t stream) {
+        retain::check_sizes({N, V}, kKl);
+        retain::check(V > 0, kKl, "the vocabulary must not be empty");
+        RETAIN_DISPATCH_FLOATING(dtype, kKl, [&] {
+          retain::margin::kl_imitation_fwd_cuda(
+              retain::as_ptr<scalar_t>(z, kKl, "z"), retain::as_ptr<scalar_t>(z_ref, kKl, "z_ref"),
+              retain::as_ptr<uint8_t>(mask, kKl, "mask", true), N, V, inv_t, retain::as_mut_ptr<double>(loss, kKl, "loss"),
+              retain::as_mut_ptr<double>(lse, kKl, "lse"), retain::as_mut_ptr<double>(lse_ref, kKl, "lse_ref"), stream);
+        });
+      },
+      nogil);
+  m.def(
+      "kl_imitation_bwd_cuda",
+      [](int dtype, uintptr_t z, uintptr_t z_ref, uintptr_t g, uintptr_t loss, uintptr_t lse, uintptr_t lse_ref,
+         int64_t N, int64_t V, double inv_t, uintptr_t grad_z, uintptr_t grad_z_ref, uintptr_t stream) {
+        retain::check_sizes({N, V}, kKl);
+        RETAIN_DISPATCH_FLOATING(dtype, kKl, [&] {
+          retain::margin::kl_imitation_bwd_cuda(
+              retain::as_ptr<scalar_t>(z, kKl, "z"), retain::as_ptr<scalar_t>(z_ref, kKl, "z_ref"),
+              retain::as_ptr<double>(g, kKl, "grad"), retain::as_ptr<double>(loss, kKl, "loss"),
+              retain::as_ptr<double>(lse, kKl, "lse"), retain::as_ptr<double>(lse_ref, kKl, "lse_ref"), N, V, inv_t,
+              retain::as_mut_ptr<scalar_t>(grad_z, kKl, "grad_z", true),
+              retain::as_mut_ptr<scalar_t>(grad_z_ref, kKl, "grad_z_ref", true), stream);
+        });
+      },
+      nogil);
+  m.def(
+      "feature_imitation_fwd_cuda",
+      [](int dtype, uintptr_t h, uintptr_t h_ref, uintptr_t mask, int64_t N, int64_t D, int p, uintptr_t loss,
+         uintptr_t stream) {
+        retain::check_sizes({N, D}, kFeature);
+        retain::check(p == 1 || p == 2, kFeature, "p must be 1 or 2, got " + std::to_string(p));
+        RETAIN_DISPATCH_FLOATING(dtype, kFeature, [&] {
+          retain::margin::feature_imitation_fwd_cuda(
+              retain::as_ptr<scalar_t>(h, kFeature, "h"), retain::as_ptr<scalar_t>(h_ref, kFeature, "h_ref"),
+              retain::as_ptr<uint8_t>(mask, kFeature, "mask", true), N, D, p,
+              retain::as_mut_ptr<double>(loss, kFeature, "loss"), stream);
+        });
+      },
+      nogil);
+  m.def(
+      "feature_imitation_bwd_cuda",
+      [](int dtype, uintptr_t h, uintptr_t h_ref, uintptr_t g, uintptr_t mask, int64_t N, int64_t D, int p,
+         uintptr_t grad_h, uintptr_t grad_h_ref, uintptr_t stream) {
+        retain::check_sizes({N, D}, kFeature);
+        retain::check(p == 1 || p == 2, kFeature, "p must be 1 or 2, got " + std::to_string(p));
+        RETAIN_DISPATCH_FLOATING(dtype, kFeature, [&] {
+          retain::margin::feature_imitation_bwd_cuda(
+              retain::as_ptr<scalar_t>(h, kFeature, "h"), retain::as_ptr<scalar_t>(h_ref, kFeature, "h_ref"),
+              retain::as_ptr<double>(g, kFeature, "grad"), retain::as_ptr<uint8_t>(mask, kFeature, "mask", true), N, D,
+              p, retain::as_mut_ptr<scalar_t>(grad_h, kFeature, "grad_h", true),
+              retain::as_mut_ptr<scalar_t>(grad_h_ref, kFeature, "grad_h_ref", true), stream);
+        });
+      },
+      nogil);
+#endif
   m.def("memory_scan_fwd_cpu", &memory_scan_fwd_cpu);
   m.def("memory_scan_bwd_cpu", &memory_scan_bwd_cpu);
 #ifdef RETAIN_WITH_CUDA
@@ -297,5 +439,25 @@ PYBIND11_MODULE(_C, m) {
         });
       },
       nogil);
+  // memory_scan on CUDA: the params/grads dicts of the CPU entries; the backward also takes a
+  // workspace of memory_scan_cuda_work_numel values in the state dtype, allocated by Python.
+  m.def("memory_scan_fwd_cuda", [](int dtype, const py::dict& params, uintptr_t stream) {
+    RETAIN_DISPATCH_FLOATING(dtype, kMemoryScan, [&] {
+      const auto P = memory_scan_params<scalar_t>(params);
+      py::gil_scoped_release release;
+      scan::memory_scan_fwd_cuda(P, stream);
+    });
+  });
+  m.def("memory_scan_bwd_cuda", [](int dtype, const py::dict& params, const py::dict& grads, uintptr_t work,
+                                   int64_t work_numel, uintptr_t stream) {
+    RETAIN_DISPATCH_FLOATING(dtype, kMemoryScan, [&] {
+      const auto P = memory_scan_params<scalar_t>(params);
+      const auto G = memory_scan_grads<scalar_t>(grads);
+      auto* wp = retain::as_mut_ptr<retain::Acc<scalar_t>>(work, kMemoryScan, "work", true);
+      py::gil_scoped_release release;
+      scan::memory_scan_bwd_cuda(P, G, wp, work_numel, stream);
+    });
+  });
+  m.def("memory_scan_cuda_work_numel", &scan::memory_scan_cuda_work_numel);
 #endif
 }

@@ -21,7 +21,9 @@ RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A exp_vec(A x) {
 template <>
 RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE float exp_vec<float>(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = round(x log2 e) by adding and removing 1.5 * 2^23 (as retain::vexp, csrc/common/vec.h)
+  const float magic = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + magic) - magic;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

@@ -33,4 +33,57 @@ void kl_imitation_bwd_cpu(const T* z, const T* z_ref, const double* g, const dou
                           const double* lse_ref, int64_t N, int64_t V, double inv_t, T* grad_z, T* grad_z_ref,
                           int nthreads);
 
+// The forward with the gradient of a reduced loss fused in (for loss.backward() on 'mean'/'sum'):
+// kl_imitation_fwd_cpu's outputs, and the backward's grad_z / grad_z_ref for g[n] = grad_scale
+// where mask is 1 and 0 elsewhere (either may be null). The exps of the sums are kept in a
+// per-thread row buffer, so the gradient costs no exp of its own.
+template <typename T>
+void kl_imitation_fwd_grad_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
+                               double grad_scale, double* loss, double* lse, double* lse_ref, T* grad_z,
+                               T* grad_z_ref, int nthreads);
+
+// Feature imitation, one row of D features per token: loss[n] = sum_d |h - h_ref| (p = 1) or
+// sum_d (h - h_ref)^2 (p = 2), 0 where mask is 0.
+template <typename T>
+void feature_imitation_fwd_cpu(const T* h, const T* h_ref, const uint8_t* mask, int64_t N, int64_t D, int p,
+                               double* loss, int nthreads);
+
+// grad_h = g[n] * sign(h - h_ref) (p = 1) or g[n] * 2 (h - h_ref) (p = 2); grad_h_ref = -grad_h; rows whose
+// mask is 0 get 0. Either output may be null.
+template <typename T>
+void feature_imitation_bwd_cpu(const T* h, const T* h_ref, const double* g, const uint8_t* mask, int64_t N,
+                               int64_t D, int p, T* grad_h, T* grad_h_ref, int nthreads);
+
+#ifdef RETAIN_WITH_CUDA
+// CUDA launchers (margin_cuda.cu): the same outputs as the CPU launchers above, every pointer in
+// device memory, enqueued on `stream` (a cudaStream_t as an integer). tm_loss_bwd_cuda reads its
+// scale (grad / denominator, float64) from device memory, so the backward never syncs the host.
+template <typename T, typename Lab, typename A>
+void tm_loss_fwd_cuda(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
+                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
+                      double* row_sum, int64_t* row_count, std::uintptr_t stream);
+
+template <typename T, typename Lab, typename A>
+void tm_loss_bwd_cuda(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
+                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
+                      const double* scale, T* grad_h, std::uintptr_t stream);
+
+template <typename T>
+void kl_imitation_fwd_cuda(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
+                           double* loss, double* lse, double* lse_ref, std::uintptr_t stream);
+
+template <typename T>
+void kl_imitation_bwd_cuda(const T* z, const T* z_ref, const double* g, const double* loss, const double* lse,
+                           const double* lse_ref, int64_t N, int64_t V, double inv_t, T* grad_z, T* grad_z_ref,
+                           std::uintptr_t stream);
+
+template <typename T>
+void feature_imitation_fwd_cuda(const T* h, const T* h_ref, const uint8_t* mask, int64_t N, int64_t D, int p,
+                                double* loss, std::uintptr_t stream);
+
+template <typename T>
+void feature_imitation_bwd_cuda(const T* h, const T* h_ref, const double* g, const uint8_t* mask, int64_t N,
+                                int64_t D, int p, T* grad_h, T* grad_h_ref, std::uintptr_t stream);
+#endif
+
 }  // namespace retain::margin

@@ -10,6 +10,8 @@
 #include "common/dtype.h"
 #include "common/isa.h"
 #include "common/parallel.h"
+#include "common/stream_store.h"
+#include "common/vec.h"
 #include "margin/margin.h"
 #include "margin/kl.h"
 #include "margin/tm_loss.h"
@@ -47,12 +49,32 @@ RETAIN_FORCE_INLINE const int8_t* row_labels(const uint8_t* labels, int64_t labe
   return scratch;
 }
 
+// Both loops in explicit 16-float vectors for float/bfloat16/float16 (the auto-vectorised form
+// spent ~2 cycles an element on label conversion and selects); double and the tail stay scalar.
+// Per element, with the label's interval [lo, hi] (+1: [pos, inf), -1: (-inf, neg], 0: [neg, pos]):
+// loss = max(0, lo - h) + max(0, h - hi) and slope = [h > hi] - [h < lo], term for term the same
+// operations as tm_element / tm_slope, so the results agree to the bit.
+template <typename T>
+constexpr bool kVectorTm = !std::is_same_v<T, double>;
+
+struct TmInterval {
+  Vec<float>::type lo, hi;
+  RETAIN_FORCE_INLINE TmInterval(const int8_t* lab, const float* p, const float* n) {
+    using VF = Vec<float>::type;
+    const VF l = vload_f(lab);
+    const VF P = vload(p), N = vload(n);
+    lo = l > 0.0f ? P : (l < 0.0f ? vsplat(-INFINITY) : N);
+    hi = l < 0.0f ? N : (l > 0.0f ? vsplat(INFINITY) : P);
+  }
+};
+
 template <typename T, typename Lab, typename A>
 RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict labels, int64_t label_row,
                                   const A* __restrict pos, const A* __restrict neg, bool per_sample,
                                   const uint8_t* __restrict mask, int64_t L, int64_t D, double* __restrict row_sum,
                                   int64_t* __restrict row_count, int64_t r0, int64_t r1) {
   std::vector<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
+  const int64_t Dv = kVectorTm<T> ? D / 16 * 16 : 0;
   for (int64_t r = r0; r < r1; ++r) {
     if (mask && !mask[r]) {
       row_sum[r] = 0.0, row_count[r] = 0;
@@ -63,9 +85,23 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
     const A* __restrict n = per_sample ? neg + b * D : neg;
     const T* __restrict hr = h + r * D;
     const int8_t* __restrict lr = row_labels(labels, label_row, r, D, scratch.data());
-    A sum = 0, count = 0;  // a float count stays exact up to 2^24 elements a row, and vectorises
-#pragma omp simd reduction(+ : sum, count)
-    for (int64_t d = 0; d < D; ++d) {
+    A sum = 0, count = 0;  // a float count stays exact up to 2^24 elements a row
+    if constexpr (kVectorTm<T>) {
+      using VF = Vec<float>::type;
+      VF vs{}, vc{};
+      const VF zero{}, one = vsplat(1.0f);
+      for (int64_t d = 0; d < Dv; d += 16) {
+        const TmInterval iv(lr + d, p + d, n + d);
+        const VF x = vload_f(hr + d);
+        const VF below = iv.lo - x, above = x - iv.hi;
+        const VF e = (below > 0.0f ? below : zero) + (above > 0.0f ? above : zero);
+        vs += e;
+        vc += e > 0.0f ? one : zero;
+      }
+      sum = vsum<float>(vs);
+      count = vsum<float>(vc);
+    }
+    for (int64_t d = Dv; d < D; ++d) {
       const A e = tm_element(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]);
       sum += e;
       count += e > A(0) ? A(1) : A(0);
@@ -79,12 +115,14 @@ template <typename T, typename Lab, typename A>
 RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict labels, int64_t label_row,
                                   const A* __restrict pos, const A* __restrict neg, bool per_sample,
                                   const uint8_t* __restrict mask, int64_t L, int64_t D, A scale,
-                                  T* __restrict grad, int64_t r0, int64_t r1) {
+                                  T* __restrict grad, bool stream, int64_t r0, int64_t r1) {
   std::vector<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
+  std::vector<A> row(D);  // the gradient row, then stored (streamed past the caches when `stream`)
+  const int64_t Dv = kVectorTm<T> ? D / 16 * 16 : 0;
   for (int64_t r = r0; r < r1; ++r) {
-    T* __restrict gr = grad + r * D;
     if (mask && !mask[r]) {
-      for (int64_t d = 0; d < D; ++d) store_as(gr[d], A(0));
+      std::fill(row.begin(), row.end(), A(0));
+      store_row(grad + r * D, row.data(), D, stream);
       continue;
     }
     const int64_t b = r / L;
@@ -92,9 +130,20 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
     const A* __restrict n = per_sample ? neg + b * D : neg;
     const T* __restrict hr = h + r * D;
     const int8_t* __restrict lr = row_labels(labels, label_row, r, D, scratch.data());
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) store_as(gr[d], scale * tm_slope(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]));
+    A* __restrict g = row.data();
+    if constexpr (kVectorTm<T>) {
+      using VF = Vec<float>::type;
+      const VF zero{}, plus = vsplat(static_cast<float>(scale)), minus = -plus;
+      for (int64_t d = 0; d < Dv; d += 16) {
+        const TmInterval iv(lr + d, p + d, n + d);
+        const VF x = vload_f(hr + d);
+        vstore(g + d, (x > iv.hi ? plus : zero) + (x < iv.lo ? minus : zero));
+      }
+    }
+    for (int64_t d = Dv; d < D; ++d) g[d] = scale * tm_slope(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]);
+    store_row(grad + r * D, g, D, stream);
   }
+  stream_fence(stream);
 }
 
 #define RETAIN_ROW_KERNELS(T, Lab)                                                                              \
@@ -105,8 +154,8 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
   }                                                                                                             \
   RETAIN_ISA_CLONES void bwd_rows_isa(const T* h, const Lab* labels, int64_t label_row, const Acc<T>* pos,       \
                                       const Acc<T>* neg, bool per_sample, const uint8_t* mask, int64_t L,        \
-                                      int64_t D, Acc<T> scale, T* grad, int64_t r0, int64_t r1) {                \
-    bwd_rows<T, Lab, Acc<T>>(h, labels, label_row, pos, neg, per_sample, mask, L, D, scale, grad, r0, r1);      \
+                                      int64_t D, Acc<T> scale, T* grad, bool stream, int64_t r0, int64_t r1) {   \
+    bwd_rows<T, Lab, Acc<T>>(h, labels, label_row, pos, neg, per_sample, mask, L, D, scale, grad, stream, r0, r1); \
   }
 RETAIN_ROW_KERNELS(float, int8_t)
 RETAIN_ROW_KERNELS(float, uint8_t)
@@ -133,9 +182,11 @@ template <typename T, typename Lab, typename A>
 void tm_loss_bwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D, double scale,
                      T* grad_h, int nthreads) {
+  // stream the gradient when it is far larger than the caches and rows start 64-byte aligned
+  const bool stream = B * L * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0;
   parallel_for(B * L, D * 4, nthreads, [&](int64_t r0, int64_t r1) {
     bwd_rows_isa(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, static_cast<A>(scale), grad_h,
-                 r0, r1);
+                 stream, r0, r1);
   });
 }
 
@@ -160,36 +211,109 @@ RETAIN_INSTANTIATE(f16_t, uint8_t)
 namespace retain::margin {
 namespace {
 
+// Rows of the KL loss. float/bfloat16/float16 rows run in explicit 16-float vectors (the
+// auto-vectoriser left the exp loops scalar); a scalar tail handles V % 16. double stays scalar.
+template <typename T>
+constexpr bool kVectorRows = !std::is_same_v<T, double>;
+
+// max z/T and max z_ref/T of a row (T > 0: the max of z, then scaled).
+template <typename T, typename A = Acc<T>>
+RETAIN_FORCE_INLINE void kl_row_max(const T* __restrict zr, const T* __restrict qr, int64_t V, A it, A& m, A& mr) {
+  m = -INFINITY;
+  mr = -INFINITY;
+  int64_t Vv = 0;
+  if constexpr (kVectorRows<T>) {
+    using VF = Vec<float>::type;
+    Vv = V / 16 * 16;
+    VF vm = vsplat(-INFINITY), vmr = vm;
+    for (int64_t v = 0; v < Vv; v += 16) {
+      const VF a = vload_f(zr + v), b = vload_f(qr + v);
+      vm = a > vm ? a : vm;
+      vmr = b > vmr ? b : vmr;
+    }
+    m = vmax_lanes<float>(vm);
+    mr = vmax_lanes<float>(vmr);
+  }
+  for (int64_t v = Vv; v < V; ++v) {
+    const A a = load_as<A>(zr[v]), b = load_as<A>(qr[v]);
+    m = a > m ? a : m;
+    mr = b > mr ? b : mr;
+  }
+  m *= it;
+  mr *= it;
+}
+
+// Per row: m = max z/T (pass 1), then s = sum exp(z/T - m), sr = sum exp(z_ref/T - mr) and
+// w = sum exp(z_ref/T - mr) (z_ref - z)/T (pass 2, the row is in L2 by then):
+// KL = w / sr - lse_ref + lse.
 template <typename T>
 RETAIN_FORCE_INLINE void kl_fwd_rows(const T* __restrict z, const T* __restrict z_ref, const uint8_t* __restrict mask,
                                      int64_t V, double inv_t, double* __restrict loss, double* __restrict lse,
                                      double* __restrict lse_ref, int64_t r0, int64_t r1) {
   using A = Acc<T>;
   const A it = static_cast<A>(inv_t);
+  constexpr int64_t W = kVectorRows<T> ? 16 : 1;
+  const int64_t Vv = kVectorRows<T> ? V / W * W : 0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict zr = z + r * V;
     const T* __restrict qr = z_ref + r * V;
-    A m = -INFINITY, mr = -INFINITY;
-#pragma omp simd reduction(max : m, mr)
-    for (int64_t v = 0; v < V; ++v) {
-      const A a = load_as<A>(zr[v]) * it, b = load_as<A>(qr[v]) * it;
-      m = a > m ? a : m;
-      mr = b > mr ? b : mr;
+    A m, mr;
+    kl_row_max(zr, qr, V, it, m, mr);
+    A s = 0, sr = 0, w = 0;
+    if constexpr (kVectorRows<T>) {
+      using VF = Vec<float>::type;
+      VF vs{}, vsr{}, vw{};
+      const VF zero{}, vit = vsplat<float>(it), vm = vsplat<float>(m), vmr = vsplat<float>(mr);
+      // this pass is compute-bound (the row is in L2): fetch the next row meanwhile, so the
+      // memory-bound max pass of the next row finds it in cache
+      const T* nz = r + 1 < r1 ? zr + V : zr;
+      const T* nq = r + 1 < r1 ? qr + V : qr;
+      for (int64_t v = 0; v < Vv; v += W) {
+        __builtin_prefetch(nz + v);
+        __builtin_prefetch(nq + v);
+        const VF a = vload_f(zr + v) * vit, b = vload_f(qr + v) * vit;
+        const VF eb = vexp<true>(b - vmr);
+        vs += vexp<true>(a - vm);
+        vsr += eb;
+        vw += b > -INFINITY ? eb * (b - a) : zero;  // p_ref = 0 adds 0, not 0 * -inf
+      }
+      s = vsum<float>(vs);
+      sr = vsum<float>(vsr);
+      w = vsum<float>(vw);
     }
-    A s = 0, sr = 0, w = 0;  // sum exp(z/T - m), sum exp(z_ref/T - mr), sum exp(z_ref/T - mr) (z_ref - z)/T
-#pragma omp simd reduction(+ : s, sr, w)
-    for (int64_t v = 0; v < V; ++v) {
-      const A a = load_as<A>(zr[v]) * it;
-      const A b = load_as<A>(qr[v]) * it;
+    for (int64_t v = Vv; v < V; ++v) {
+      const A a = load_as<A>(zr[v]) * it, b = load_as<A>(qr[v]) * it;
       const A eb = exp_vec(b - mr);
       s += exp_vec(a - m);
       sr += eb;
-      w += eb * (b - a);
+      w += b > -INFINITY ? eb * (b - a) : A(0);
     }
     const A l = lse_of(m, s), lr = lse_of(mr, sr);
     lse[r] = l;
     lse_ref[r] = lr;
     loss[r] = (mask && !mask[r]) ? 0.0 : static_cast<double>(w / sr - lr + l);
+  }
+}
+
+// grad_z = g/T (p - p_ref), grad_z_ref = g/T p_ref (log p_ref - log p - KL): one loop per row
+// for whichever are wanted, sharing the exps when both are.
+template <typename T, bool WantZ, bool WantRef>
+RETAIN_FORCE_INLINE void kl_bwd_row(const T* __restrict zr, const T* __restrict qr, int64_t V, float it, float gr,
+                                    float l, float lr, float kl, T* __restrict gz, T* __restrict gq) {
+  using VF = Vec<float>::type;
+  const VF vit = vsplat(it), vgr = vsplat(gr), vl = vsplat(l), vlr = vsplat(lr), vkl = vsplat(kl);
+  const int64_t Vv = V / 16 * 16;
+  for (int64_t v = 0; v < Vv; v += 16) {
+    const VF lp = vload_f(zr + v) * vit - vl, lq = vload_f(qr + v) * vit - vlr;
+    const VF eq = vexp<true>(lq);
+    if constexpr (WantZ) vstore_f(gz + v, vgr * (vexp<true>(lp) - eq));
+    if constexpr (WantRef) vstore_f(gq + v, lq > -INFINITY ? vgr * eq * (lq - lp - vkl) : VF{});
+  }
+  for (int64_t v = Vv; v < V; ++v) {
+    const float lp = load_as<float>(zr[v]) * it - l, lq = load_as<float>(qr[v]) * it - lr;
+    const float eq = exp_vec(lq);
+    if constexpr (WantZ) store_as(gz[v], gr * (exp_vec(lp) - eq));
+    if constexpr (WantRef) store_as(gq[v], lq > -INFINITY ? gr * eq * (lq - lp - kl) : 0.0f);
   }
 }
 
@@ -205,23 +329,96 @@ RETAIN_FORCE_INLINE void kl_bwd_rows(const T* __restrict z, const T* __restrict 
     const T* __restrict qr = z_ref + r * V;
     const A gr = static_cast<A>(g[r]) * it, l = static_cast<A>(lse[r]), lr = static_cast<A>(lse_ref[r]);
     const A kl = static_cast<A>(loss[r]);
-    if (grad_z) {
-      T* __restrict gz = grad_z + r * V;
-#pragma omp simd
+    T* gz = grad_z ? grad_z + r * V : nullptr;
+    T* gq = grad_z_ref ? grad_z_ref + r * V : nullptr;
+    if constexpr (kVectorRows<T>) {
+      if (gz && gq) kl_bwd_row<T, true, true>(zr, qr, V, it, gr, l, lr, kl, gz, gq);
+      else if (gz) kl_bwd_row<T, true, false>(zr, qr, V, it, gr, l, lr, kl, gz, gq);
+      else if (gq) kl_bwd_row<T, false, true>(zr, qr, V, it, gr, l, lr, kl, gz, gq);
+    } else {
       for (int64_t v = 0; v < V; ++v) {
         const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
-        store_as(gz[v], gr * (exp_vec(lp) - exp_vec(lq)));
-      }
-    }
-    if (grad_z_ref) {
-      T* __restrict gq = grad_z_ref + r * V;
-#pragma omp simd
-      for (int64_t v = 0; v < V; ++v) {
-        const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
-        store_as(gq[v], gr * exp_vec(lq) * (lq - lp - kl));
+        const A eq = exp_vec(lq);
+        if (gz) store_as(gz[v], gr * (exp_vec(lp) - eq));
+        if (gq) store_as(gq[v], lq > -INFINITY ? gr * eq * (lq - lp - kl) : A(0));
       }
     }
   }
+}
+
+// Forward rows with the gradient fused in: pass 2 keeps exp(z/T - m) and exp(z_ref/T - mr) in
+// `scratch` (2 V accumulation-type values, L2-resident next to the row), pass 3 turns them into
+// p and p_ref and writes the gradients (streamed past the caches when `stream`).
+template <typename T>
+RETAIN_FORCE_INLINE void kl_fwd_grad_rows(const T* __restrict z, const T* __restrict z_ref,
+                                          const uint8_t* __restrict mask, int64_t V, double inv_t, double grad_scale,
+                                          double* __restrict loss, double* __restrict lse, double* __restrict lse_ref,
+                                          T* __restrict grad_z, T* __restrict grad_z_ref, bool stream,
+                                          Acc<T>* __restrict scratch, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  const A it = static_cast<A>(inv_t);
+  A* __restrict ea = scratch;
+  A* __restrict eb = scratch + V;
+  const int64_t Vv = kVectorRows<T> ? V / 16 * 16 : 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict zr = z + r * V;
+    const T* __restrict qr = z_ref + r * V;
+    A m, mr;
+    kl_row_max(zr, qr, V, it, m, mr);
+    A s = 0, sr = 0, w = 0;
+    if constexpr (kVectorRows<T>) {
+      using VF = Vec<float>::type;
+      VF vs{}, vsr{}, vw{};
+      const VF zero{}, vit = vsplat<float>(it), vm = vsplat<float>(m), vmr = vsplat<float>(mr);
+      const T* nz = r + 1 < r1 ? zr + V : zr;  // the next row, fetched meanwhile (as in kl_fwd_rows)
+      const T* nq = r + 1 < r1 ? qr + V : qr;
+      for (int64_t v = 0; v < Vv; v += 16) {
+        __builtin_prefetch(nz + v);
+        __builtin_prefetch(nq + v);
+        const VF a = vload_f(zr + v) * vit, b = vload_f(qr + v) * vit;
+        const VF xa = vexp<true>(a - vm), xb = vexp<true>(b - vmr);
+        vstore(ea + v, xa);
+        vstore(eb + v, xb);
+        vs += xa;
+        vsr += xb;
+        vw += b > -INFINITY ? xb * (b - a) : zero;
+      }
+      s = vsum<float>(vs);
+      sr = vsum<float>(vsr);
+      w = vsum<float>(vw);
+    }
+    for (int64_t v = Vv; v < V; ++v) {
+      const A a = load_as<A>(zr[v]) * it, b = load_as<A>(qr[v]) * it;
+      ea[v] = exp_vec(a - m);
+      eb[v] = exp_vec(b - mr);
+      s += ea[v];
+      sr += eb[v];
+      w += b > -INFINITY ? eb[v] * (b - a) : A(0);
+    }
+    const A l = lse_of(m, s), lr = lse_of(mr, sr);
+    const bool off = mask && !mask[r];
+    const A kl = w / sr - lr + l;
+    lse[r] = l;
+    lse_ref[r] = lr;
+    loss[r] = off ? 0.0 : static_cast<double>(kl);
+    const A c = off ? A(0) : static_cast<A>(grad_scale) * it;
+    const A is = A(1) / s, isr = A(1) / sr;
+    if (grad_z) {
+      // p - p_ref from the kept exps, written over ea (grad_z_ref below needs only eb)
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) ea[v] = c * (ea[v] * is - eb[v] * isr);
+      store_row(grad_z + r * V, ea, V, stream);
+    }
+    if (grad_z_ref) {
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) {
+        const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
+        eb[v] = lq > -INFINITY ? c * (eb[v] * isr) * (lq - lp - kl) : A(0);
+      }
+      store_row(grad_z_ref + r * V, eb, V, stream);
+    }
+  }
+  stream_fence(stream);
 }
 
 #define RETAIN_KL_KERNELS(T)                                                                                   \
@@ -234,6 +431,13 @@ RETAIN_FORCE_INLINE void kl_bwd_rows(const T* __restrict z, const T* __restrict 
                                          const double* lse, const double* lse_ref, int64_t V, double inv_t,    \
                                          T* grad_z, T* grad_z_ref, int64_t r0, int64_t r1) {                   \
     kl_bwd_rows<T>(z, z_ref, g, loss, lse, lse_ref, V, inv_t, grad_z, grad_z_ref, r0, r1);                     \
+  }                                                                                                            \
+  RETAIN_ISA_CLONES void kl_fwd_grad_rows_isa(const T* z, const T* z_ref, const uint8_t* mask, int64_t V,      \
+                                              double inv_t, double grad_scale, double* loss, double* lse,      \
+                                              double* lse_ref, T* grad_z, T* grad_z_ref, bool stream,          \
+                                              Acc<T>* scratch, int64_t r0, int64_t r1) {                       \
+    kl_fwd_grad_rows<T>(z, z_ref, mask, V, inv_t, grad_scale, loss, lse, lse_ref, grad_z, grad_z_ref, stream,  \
+                        scratch, r0, r1);                                                                      \
   }
 RETAIN_KL_KERNELS(float)
 RETAIN_KL_KERNELS(double)
@@ -260,7 +464,22 @@ void kl_imitation_bwd_cpu(const T* z, const T* z_ref, const double* g, const dou
   });
 }
 
+template <typename T>
+void kl_imitation_fwd_grad_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
+                               double grad_scale, double* loss, double* lse, double* lse_ref, T* grad_z,
+                               T* grad_z_ref, int nthreads) {
+  // stream the gradients when they are far larger than the caches (and a row starts aligned)
+  const bool stream = N * V * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (V * int64_t{sizeof(T)}) % 64 == 0;
+  parallel_for(N, V * 24, nthreads, [&](int64_t r0, int64_t r1) {
+    std::vector<Acc<T>> scratch(2 * V);
+    kl_fwd_grad_rows_isa(z, z_ref, mask, V, inv_t, grad_scale, loss, lse, lse_ref, grad_z, grad_z_ref, stream,
+                         scratch.data(), r0, r1);
+  });
+}
+
 #define RETAIN_INSTANTIATE(T)                                                                                  \
+  template void kl_imitation_fwd_grad_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double,       \
+                                             double, double*, double*, double*, T*, T*, int);                  \
   template void kl_imitation_fwd_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double, double*,  \
                                         double*, double*, int);                                                \
   template void kl_imitation_bwd_cpu<T>(const T*, const T*, const double*, const double*, const double*,        \

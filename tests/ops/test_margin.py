@@ -244,8 +244,9 @@ def check_kl(z, q, mask, temperature, reduction):
     got = kl_imitation(z, q, temperature=temperature, mask=mask, reduction=reduction)
     want = ref.kl_imitation_ref(z, q, temperature=temperature, mask=mask, reduction=reduction)
     assert_close(got, want)
-    w = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=F64).to(got.dtype)
-    for a, b in zip(torch.autograd.grad((got * w).sum(), (z, q)), torch.autograd.grad((want * w).sum(), (z, q))):
+    w = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=F64).to(got.dtype).to(got.device)
+    inputs = [t for t in (z, q) if t.requires_grad]
+    for a, b in zip(torch.autograd.grad((got * w).sum(), inputs), torch.autograd.grad((want * w).sum(), inputs)):
         assert_close(a, b)
 
 
@@ -295,6 +296,64 @@ def test_kl_imitation_opcheck_and_compile():
     assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("V", [7, 64, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kl_imitation_gradient_fused_into_the_forward(dtype, V, reduction):
+    # loss.backward() on a reduced loss takes the gradient the forward computed (incoming gradient
+    # exactly 1, only z requires grad: the common training case); rows past the last full vector
+    # of 16 run the scalar tail
+    z, q, mask = make_logits((5, 3, V), dtype=dtype, seed=V)
+    q = q.detach()
+    got = kl_imitation(z, q, temperature=1.7, mask=mask, reduction=reduction)
+    got.backward()
+    want = ref.kl_imitation_ref(z, q, temperature=1.7, mask=mask, reduction=reduction)
+    assert_close(got, want)
+    assert_close(z.grad, torch.autograd.grad(want, z)[0])
+    assert (z.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_kl_imitation_minus_inf_reference_logits(dtype):
+    # a -inf reference logit (a token the teacher rules out) is a zero probability: it adds 0 to
+    # the KL and gets gradient 0, and the student's gradient there is p (pushed down)
+    z, q, _ = make_logits((3, 40), dtype=dtype, seed=33)
+    q = q.detach().clone()
+    q[:, ::3] = -torch.inf
+    q_leaf = q.clone().requires_grad_()
+    for reduction in ("mean", "none"):
+        got = kl_imitation(z, q_leaf, reduction=reduction)
+        want = ref.kl_imitation_ref(z, q, reduction=reduction)
+        assert torch.isfinite(got).all() and torch.isfinite(want).all()
+        assert_close(got, want)
+    loss = kl_imitation(z, q_leaf)
+    gz, gq = torch.autograd.grad(loss, (z, q_leaf))
+    assert_close(gz, torch.autograd.grad(ref.kl_imitation_ref(z, q), z)[0])
+    assert torch.isfinite(gq).all() and (gq[:, ::3] == 0).all()
+    gz2, gq2 = torch.autograd.grad(kl_imitation(z, q_leaf, reduction="none").sum(), (z, q_leaf))  # two-pass backward
+    assert_close(gz2, gz * 3)
+    assert torch.isfinite(gq2).all() and (gq2[:, ::3] == 0).all()
+
+
+def test_kl_imitation_fused_gradient_survives_a_second_backward():
+    z, q, mask = make_logits((4, 3, 40), dtype=torch.float32, seed=31)
+    loss = kl_imitation(z, q, mask=mask)
+    (3 * loss).backward(retain_graph=True)   # first: the forward's gradient, scaled by 3 in place
+    first = (z.grad.clone(), q.grad.clone())
+    loss.backward()                           # second: recomputed by the backward kernel
+    want = torch.autograd.grad(ref.kl_imitation_ref(z, q, mask=mask), (z, q))
+    for g, f, w in zip((z.grad, q.grad), first, want):
+        assert_close(f, 3 * w.float())
+        assert_close(g, 4 * w.float())
+
+
+def test_kl_imitation_reduced_opcheck():
+    z, q, mask = make_logits((6, 33), dtype=torch.float32, seed=27)
+    m = mask.to(torch.uint8)
+    for args in ((z, q, m, 0.5, True, True, True), (z, q.detach(), None, 2.0, False, True, False)):
+        torch.library.opcheck(_ops.kl_imitation_reduced_op, args)
+
+
 KL_BAD = [
     ("shape", dict(q=torch.zeros(3, 4, 36, dtype=F64)), ValueError, r"z_ref must have z's shape \(3, 4, 37\)"),
     ("dtype", dict(q=torch.zeros(3, 4, 37)), TypeError, "z_ref must have z's dtype float64, got float32"),
@@ -315,3 +374,177 @@ def test_kl_imitation_bad_input(case):
     kw.update(over)
     with pytest.raises(exc, match=re.escape("retain.ops.kl_imitation") + ": " + pattern):
         kl_imitation(kw["z"], kw["q"], temperature=kw["temperature"], mask=kw["mask"], reduction=kw["reduction"])
+
+
+# CUDA: tm_loss and kl_imitation against their references on the GPU ----------------------------
+
+CUDA = (torch.cuda.is_available() and _native.has_kernel("tm_loss", "cuda")
+        and _native.has_kernel("kl_imitation", "cuda"))
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU and a build with CUDA kernels")
+
+
+def on_cuda(*tensors):
+    """Copies on the GPU, leaves again where the original required grad."""
+    return tuple(None if t is None else t.detach().cuda().requires_grad_(t.requires_grad) for t in tensors)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_tm_loss_cuda_matches_reference(dtype, per_sample, reduction, packed):
+    h, labels, pos, neg, mask = make_case(B=3, L=6, D=37, dtype=dtype, per_sample=per_sample, seed=7)
+    h, labels, pos, neg, mask = on_cuda(h, labels, pos, neg, mask)
+    check(h, ref.pack_tm_labels_ref(labels) if packed else labels, pos, neg, mask, reduction)
+
+
+@requires_cuda
+@pytest.mark.parametrize("D", [1, 3, 31, 32, 33, 255, 256, 257, 2049, 4097])
+@pytest.mark.parametrize("packed", [False, True])
+def test_tm_loss_cuda_row_lengths_and_masks(D, packed):
+    # block sizes 32..256 threads by D, odd packed tails (D % 4 != 0), per-sample thresholds
+    h, labels, pos, neg, mask = on_cuda(*make_case(B=2, L=5, D=D, per_sample=True, seed=D))
+    labels = ref.pack_tm_labels_ref(labels) if packed else labels
+    for reduction in REDUCTIONS:
+        check(h, labels, pos, neg, mask, reduction)
+        empty = torch.zeros_like(mask)
+        loss = tm_loss(h, labels, pos, neg, mask=empty, reduction=reduction)
+        (g,) = torch.autograd.grad(loss, h)
+        assert loss.item() == 0.0 and (g == 0).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_tm_loss_cuda_gradient_equals_cpu_and_runs_on_the_callers_stream(reduction):
+    # the gradient is scale * (-1, 0 or 1) on both devices: the same bits; the violation count is
+    # exact, so the 'violations' loss differs from the CPU's by rounding of the sum only
+    h, labels, pos, neg, mask = make_case(B=4, L=33, D=1000, dtype=torch.float32, seed=27)
+    cpu = tm_loss(h, labels, pos, neg, mask=mask, reduction=reduction)
+    (g_cpu,) = torch.autograd.grad(cpu, h)
+    hc, lc, pc, nc, mc = on_cuda(h, labels, pos, neg, mask)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        runs = []
+        for _ in range(2):
+            loss = tm_loss(hc, lc, pc, nc, mask=mc, reduction=reduction)
+            runs.append((loss, *torch.autograd.grad(loss, hc)))
+    torch.cuda.current_stream().wait_stream(stream)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))  # deterministic
+    assert_close(runs[0][0], cpu)
+    assert torch.equal(runs[0][1].cpu(), g_cpu)
+
+
+@requires_cuda
+def test_tm_loss_cuda_opcheck_and_compile():
+    h, labels, pos, neg, mask = on_cuda(*make_case(B=2, L=3, D=6, dtype=torch.float32, seed=13))
+    for lab in (labels, ref.pack_tm_labels_ref(labels)):
+        for reduction in (0, 1, 2):
+            args = (h, lab, pos.detach(), neg.detach(), mask.to(torch.uint8), reduction)
+            torch.library.opcheck(_ops.tm_loss_op, args)
+            _, denom = _ops.tm_loss_op(*args)
+            assert denom.device == h.device
+            torch.library.opcheck(_ops.tm_loss_backward_op,
+                                  (torch.ones((), device="cuda"), denom, h.detach(), *args[1:5]))
+    torch._dynamo.reset()
+
+    def model(x):
+        return tm_loss(torch.tanh(x) * 2, labels, pos.detach(), neg.detach(), mask=mask, reduction="mean")
+
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    got, want = compiled(h), model(h)
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(want, h)[0])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kl_imitation_cuda_matches_reference(dtype, reduction, temperature):
+    z, q, mask = on_cuda(*make_logits(dtype=dtype, seed=21))
+    check_kl(z, q, mask, temperature, reduction)
+
+
+@requires_cuda
+@pytest.mark.parametrize("V", [1, 2, 31, 33, 257, 4097, 32001])
+@pytest.mark.parametrize("order", ["random", "ascending", "descending"])
+def test_kl_imitation_cuda_row_lengths_and_orders(V, order):
+    # ascending rows raise each thread's running max at every element (the rescaling branch),
+    # descending ones never after the first; float64 so that only the algorithm can fail
+    z, q, mask = make_logits((3, V), seed=V)
+    if order != "random":
+        z = z.detach().sort(-1, descending=order == "descending").values.requires_grad_()
+        q = q.detach().sort(-1, descending=order == "descending").values.requires_grad_()
+    z, q, mask = on_cuda(z, q, mask)
+    check_kl(z, q, mask, 1.0, "none")
+    check_kl(z, q, None, 0.7, "mean")
+
+
+@requires_cuda
+def test_kl_imitation_cuda_extreme_logits_masks_and_one_sided_gradients():
+    z, _, _ = make_logits((4, 50), scale=1e4, seed=23)
+    q = torch.roll(z.detach(), 1, -1).requires_grad_()
+    z, q = on_cuda(z, q)
+    assert torch.isfinite(kl_imitation(z, q, reduction="none")).all()
+    check_kl(z, q, None, 1.0, "sum")
+    same = kl_imitation(z.detach(), z.detach(), reduction="none")
+    assert_close(same, torch.zeros_like(same))
+    z, q, mask = on_cuda(*make_logits((5, 300), dtype=torch.float32, seed=29))
+    loss = kl_imitation(z, q, mask=torch.zeros_like(mask))
+    assert loss.item() == 0.0 and all((g == 0).all() for g in torch.autograd.grad(loss, (z, q)))
+    for frozen in ("z", "z_ref"):  # only one side requires grad: the other is not computed
+        zz = z.detach().requires_grad_(frozen != "z")
+        qq = q.detach().requires_grad_(frozen != "z_ref")
+        check_kl(zz, qq, mask, 1.3, "mean")
+
+
+@requires_cuda
+def test_kl_imitation_cuda_agrees_with_cpu_deterministic_and_on_the_callers_stream():
+    z, q, mask = make_logits((64, 3000), dtype=torch.float32, seed=31)
+    cpu = kl_imitation(z, q, mask=mask, reduction="none")
+    g_cpu = torch.autograd.grad(cpu.sum(), (z, q))
+    zc, qc, mc = on_cuda(z, q, mask)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        runs = []
+        for _ in range(2):
+            out = kl_imitation(zc, qc, mask=mc, reduction="none")
+            runs.append((out, *torch.autograd.grad(out.sum(), (zc, qc))))
+    torch.cuda.current_stream().wait_stream(stream)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    for a, b in zip(runs[0], (cpu, *g_cpu)):
+        assert_close(a, b)
+
+
+@requires_cuda
+def test_kl_imitation_cuda_opcheck_and_compile():
+    z, q, mask = on_cuda(*make_logits((6, 33), dtype=torch.float32, seed=25))
+    m = mask.to(torch.uint8)
+    torch.library.opcheck(_ops.kl_imitation_op, (z, q, m, 0.5))
+    loss, lse, lse_ref = _ops.kl_imitation_op(z, q, m, 0.5)
+    torch.library.opcheck(_ops.kl_imitation_backward_op,
+                          (torch.ones(6, dtype=F64, device="cuda"), loss.detach(), lse, lse_ref, z.detach(), q.detach(),
+                           0.5, True, True))
+    torch._dynamo.reset()
+
+    def model(x):
+        return kl_imitation(x * 2, q.detach(), temperature=2.0, mask=mask)
+
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    got, want = compiled(z), model(z)
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_margin_cuda_kernels_run_on_the_tensors_gpu():
+    # the current device is GPU 0, the tensors live on GPU 1: the launch must go to GPU 1
+    h, labels, pos, neg, mask = make_case(B=2, L=3, D=40, dtype=torch.float32, seed=33)
+    on1 = tuple(None if t is None else t.detach().to("cuda:1").requires_grad_(t.requires_grad)
+                for t in (h, labels, pos, neg, mask))
+    check(*on1, "violations")
+    z, q, m = make_logits((4, 50), dtype=torch.float32, seed=35)
+    check_kl(*(t.detach().to("cuda:1").requires_grad_(t.requires_grad) for t in (z, q)), m.to("cuda:1"), 1.0, "mean")

@@ -6,6 +6,7 @@ registrations, so it runs in eager mode, under ``torch.compile(fullgraph=True)``
 from retain.ops.margin import (
     ActivationStats,
     activation_stats,
+    feature_imitation,
     kl_imitation,
     pack_tm_labels,
     tm_loss,
@@ -15,5 +16,5 @@ from retain.ops.margin import (
 from retain.ops.scan import delta_rule, gated_delta_rule, linear_attn, linear_recurrence, memory_scan, titans_linear
 
 __all__ = [
-    "ActivationStats", "activation_stats", "kl_imitation", "pack_tm_labels", "tm_loss", "tm_thresholds", "unpack_tm_labels",
+    "ActivationStats", "activation_stats", "feature_imitation", "kl_imitation", "pack_tm_labels", "tm_loss", "tm_thresholds", "unpack_tm_labels",
     "delta_rule", "gated_delta_rule", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]

@@ -3,6 +3,7 @@ storage and the mergeable per-dimension activation statistics behind its thresho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,10 +11,11 @@ from torch import Tensor
 
 from retain.ops._checks import check_floating, check_tensor, kernel_device
 from retain.ops.margin import reference
-from retain.ops.margin._ops import REDUCTION_CODES, acc_dtype, kl_imitation_op, tm_loss_op
+from retain.ops.margin._ops import (REDUCTION_CODES, acc_dtype, feature_imitation_op, kl_imitation_op,
+                                    kl_imitation_reduced_op, tm_loss_op)
 
-__all__ = ["ActivationStats", "activation_stats", "kl_imitation", "pack_tm_labels", "tm_loss", "tm_thresholds",
-           "unpack_tm_labels"]
+__all__ = ["ActivationStats", "activation_stats", "feature_imitation", "kl_imitation", "pack_tm_labels", "tm_loss",
+           "tm_thresholds", "unpack_tm_labels"]
 
 
 def tm_loss(h: Tensor, labels: Tensor, pos_thr: Tensor, neg_thr: Tensor, *, mask: Tensor | None = None,
@@ -205,6 +207,9 @@ def kl_imitation(z: Tensor, z_ref: Tensor, *, temperature: float = 1.0, mask: Te
     Returns:
         float32 (float64 for float64 logits). Gradients flow to ``z`` and, when it requires grad,
         ``z_ref``: ∂/∂z = (p − p_ref)/T, ∂/∂z_ref = p_ref (log p_ref − log p − KL)/T per token.
+        On the CPU in eager mode with 'mean'/'sum', the forward computes the gradient as well
+        (no second pass over the logits in the backward; the gradient tensor exists from the
+        forward on).
 
     Examples::
 
@@ -242,6 +247,13 @@ def kl_imitation(z: Tensor, z_ref: Tensor, *, temperature: float = 1.0, mask: Te
         return reference.kl_imitation_ref(z, z_ref, temperature=temperature, mask=mask, reduction=reduction)
     V = z.shape[-1]
     m = mask.reshape(-1).to(torch.bool).to(torch.uint8).contiguous() if mask is not None else None
+    need_z, need_ref = torch.is_grad_enabled() and z.requires_grad, torch.is_grad_enabled() and z_ref.requires_grad
+    if reduction != "none" and (need_z or need_ref) and kernel_device("kl_imitation", z) == "cpu" \
+            and not torch.compiler.is_compiling():
+        # eager training on the CPU: the gradient comes out of the forward pass (no second pass)
+        loss = kl_imitation_reduced_op(z.reshape(-1, V).contiguous(), z_ref.reshape(-1, V).contiguous(), m,
+                                       1.0 / float(temperature), reduction == "mean", need_z, need_ref)[0]
+        return loss.to(acc_dtype(z.dtype))
     rows, _, _ = kl_imitation_op(z.reshape(-1, V).contiguous(), z_ref.reshape(-1, V).contiguous(), m,
                                  1.0 / float(temperature))
     acc = acc_dtype(z.dtype)
@@ -252,3 +264,83 @@ def kl_imitation(z: Tensor, z_ref: Tensor, *, temperature: float = 1.0, mask: Te
         return total.to(acc)
     n = m.sum().to(torch.float64) if m is not None else torch.tensor(float(rows.numel()), dtype=torch.float64)
     return (total / n.clamp_min(1)).to(acc)
+
+
+def feature_imitation(h: Tensor, h_ref: Tensor, *, p: int = 2, mask: Tensor | None = None,
+                      reduction: str = "mean") -> Tensor:
+    r"""Feature imitation: the distance between current hidden states ``h`` and reference ones
+    ``h_ref`` (GeRe's L1 / L2 baselines, feature distillation), per token::
+
+        p = 1:  Σ_d |h − h_ref|        p = 2:  Σ_d (h − h_ref)²
+
+    fused: one pass over both forward, one backward, no ``[tokens, D]`` temporaries.
+
+    Args:
+        h: current hidden states ``[..., D]`` (e.g. ``[B, L, D]`` or ``[N, D]``); h_ref: reference
+            states, same shape, dtype and device (float32/float64/bfloat16/float16; 16-bit computed
+            in float32). Cast ``h_ref`` yourself if it is stored in another dtype.
+        p: 1 (L1) or 2 (squared L2, no square root).
+        mask: ``[...]`` (``h`` without its last dimension) bool: tokens that count (padding excluded).
+        reduction: ``'mean'``: the sum over counted tokens divided by (#counted tokens · D), i.e.
+            ``F.l1_loss`` (p = 1) / ``F.mse_loss`` (p = 2) over the counted tokens, so the scale does
+            not grow with the hidden size and a loss weight carries over between models (0 when no
+            token counts); ``'sum'``; ``'none'``: the per-token distance ``[...]`` (summed over D,
+            masked tokens 0).
+
+    Returns:
+        float32 (float64 for float64 ``h``). Gradients flow to ``h`` and, when it requires grad,
+        ``h_ref`` (usually a stored constant: then nothing is computed for it):
+        ∂/∂h = −∂/∂h_ref = g · sign(h − h_ref) (p = 1, with sign(0) = 0: no gradient where the
+        states already agree) or g · 2 (h − h_ref) (p = 2), g the gradient of the token's distance;
+        masked tokens get exactly 0 whatever they hold.
+
+    Examples::
+
+        >>> h = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+        >>> h_ref = torch.tensor([[0.0, 4.0], [0.0, 3.0]])
+        >>> retain.ops.feature_imitation(h, h_ref, p=1, reduction="none")
+        tensor([3., 3.])
+        >>> retain.ops.feature_imitation(h, h_ref)                    # (1 + 4 + 0 + 9) / (2 · 2)
+        tensor(3.5000)
+        >>> retain.ops.feature_imitation(h, h_ref, mask=torch.tensor([True, False]))  # (1 + 4) / 2
+        tensor(2.5000)
+    """
+    op = "retain.ops.feature_imitation"
+    check_tensor(op, "h", h, ndim_min=1)
+    check_floating(op, "h", h)
+    check_tensor(op, "h_ref", h_ref)
+    if tuple(h_ref.shape) != tuple(h.shape):
+        raise ValueError(f"{op}: h_ref must have h's shape {tuple(h.shape)}, got {tuple(h_ref.shape)}")
+    if h_ref.dtype != h.dtype:
+        raise TypeError(f"{op}: h_ref must have h's dtype {str(h.dtype).replace('torch.', '')}, "
+                        f"got {str(h_ref.dtype).replace('torch.', '')} (cast it with h_ref.to(h.dtype))")
+    if h_ref.device != h.device:
+        raise ValueError(f"{op}: h_ref must be on h's device {h.device}, got {h_ref.device}")
+    if isinstance(p, bool) or p not in (1, 2):
+        raise ValueError(f"{op}: p must be 1 or 2, got {p!r}")
+    lead = tuple(h.shape[:-1])
+    if mask is not None:
+        check_tensor(op, "mask", mask)
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"{op}: mask must have shape {lead} (h without its last dimension), "
+                             f"got {tuple(mask.shape)}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"{op}: mask must be bool (or integer 0/1), got {str(mask.dtype).replace('torch.', '')}")
+        if mask.device != h.device:
+            raise ValueError(f"{op}: mask must be on h's device {h.device}, got {mask.device}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if kernel_device("feature_imitation", h) is None:  # RETAIN_FALLBACK=reference
+        return reference.feature_imitation_ref(h, h_ref, p=int(p), mask=mask, reduction=reduction)
+    D = h.shape[-1]
+    N = math.prod(lead)
+    m = mask.reshape(N).to(torch.bool).to(torch.uint8).contiguous() if mask is not None else None
+    rows = feature_imitation_op(h.reshape(N, D).contiguous(), h_ref.reshape(N, D).contiguous(), m, int(p))
+    acc = acc_dtype(h.dtype)
+    if reduction == "none":
+        return rows.reshape(lead).to(acc)
+    total = rows.sum()
+    if reduction == "sum":
+        return total.to(acc)
+    n = m.sum().to(torch.float64) if m is not None else torch.tensor(float(N), dtype=torch.float64)
+    return (total / (n * D).clamp_min(1)).to(acc)

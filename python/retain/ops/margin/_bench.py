@@ -159,6 +159,79 @@ register(Case(
     },
     grad_names=("grad_z",),
     model_note="GB/s from the bytes it must move: z and z_ref in (fwd); fwd+bwd also the gradient out. "
-               "retain's forward reads both logits twice and its backward once more",
+               "retain's forward reads each row twice (the second time from L2); with z requiring grad it also "
+               "writes the gradient there and the backward only hands it out",
+    rtol=1e-4, atol=1e-6,
+))
+
+
+def _fi_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device).manual_seed(0)
+    B, L, D = p["B"], p["L"], p["D"]
+    dtype = getattr(torch, p["dtype"])
+    return {"h": torch.randn(B, L, D, generator=gen, device=device).to(dtype),
+            "h_ref": torch.randn(B, L, D, generator=gen, device=device).to(dtype),
+            "mask": torch.rand(B, L, generator=gen, device=device) > 0.1}
+
+
+def _fi_runner(fn, inputs) -> Runner:
+    """fwd: the loss; fwd+bwd: its gradient with respect to h (h_ref is a stored constant)."""
+    h, q, mask = inputs["h"], inputs["h_ref"], inputs["mask"]
+    leaf = h.detach().requires_grad_()
+    return Runner(lambda: fn(h, q, mask), lambda: torch.autograd.grad(fn(leaf, q, mask), leaf))
+
+
+def _fi_retain(inputs, params, device):
+    from retain import _native
+    from retain.ops import feature_imitation
+
+    if not _native.has_kernel("feature_imitation", device):
+        raise Unsupported(f"no feature_imitation kernel for {device} in this build")
+    return _fi_runner(lambda h, q, m: feature_imitation(h, q, p=params["p"], mask=m), inputs)
+
+
+def _fi_eager(inputs, params, device):
+    from retain.ops.margin.reference import feature_imitation_ref
+
+    return _fi_runner(lambda h, q, m: feature_imitation_ref(h, q, p=params["p"], mask=m), inputs)
+
+
+def _fi_compile(inputs, params, device):
+    import torch._dynamo
+
+    from retain.ops.margin.reference import feature_imitation_ref
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda h, q, m: feature_imitation_ref(h, q, p=params["p"], mask=m), fullgraph=True)
+    return _fi_runner(fn, inputs)
+
+
+def _fi_numel(p):
+    return p["B"] * p["L"] * p["D"]
+
+
+register(Case(
+    name="feature_imitation",
+    family="margin",
+    sizes={
+        "default": {"B": 8, "L": 512, "D": 4096, "p": 2, "dtype": "float32"},
+        "small": {"B": 2, "L": 16, "D": 64, "p": 2, "dtype": "float32"},
+    },
+    make_inputs=_fi_inputs,
+    describe=lambda p: f"B={p['B']} L={p['L']} D={p['D']} p={p['p']} {p['dtype']}, 90% of tokens masked in, 'mean'",
+    # the bytes it must move: h and h_ref in (fwd); fwd+bwd also the gradient of h out
+    bytes_model={
+        "fwd": lambda p: 2 * _fi_numel(p) * itemsize(p),
+        "fwd+bwd": lambda p: 3 * _fi_numel(p) * itemsize(p),
+    },
+    impls={
+        "retain": Impl(_fi_retain, "retain.ops.feature_imitation (fused native kernel)"),
+        "eager": Impl(_fi_eager, "feature_imitation_ref: materialised [B, L, D] difference (eager PyTorch)"),
+        "compile": Impl(_fi_compile, "feature_imitation_ref under torch.compile(fullgraph, inductor); "
+                        "warm-up = compile", jit=True),
+    },
+    grad_names=("grad_h",),
+    model_note="GB/s from the bytes it must move: h and h_ref in (fwd); fwd+bwd also the gradient of h out. "
+               "retain's backward reads h and h_ref a second time (5 element transfers for fwd+bwd)",
     rtol=1e-4, atol=1e-6,
 ))

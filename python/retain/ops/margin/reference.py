@@ -100,7 +100,11 @@ def kl_imitation_ref(z: torch.Tensor, z_ref: torch.Tensor, *, temperature: float
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     logp = torch.log_softmax(z.to(acc) / temperature, -1)
     logq = torch.log_softmax(z_ref.to(acc) / temperature, -1)
-    rows = (logq.exp() * (logq - logp)).sum(-1)
+    # a -inf reference logit is a zero probability: its term is 0 (the limit of q log q), not
+    # 0 * -inf; the select keeps NaN out of the gradient as well
+    seen = logq > -torch.inf
+    lq = torch.where(seen, logq, 0.0)
+    rows = torch.where(seen, lq.exp() * (lq - logp), 0.0).sum(-1)
     if mask is not None:
         rows = rows * mask.to(acc)
     if reduction == "none":
@@ -111,3 +115,29 @@ def kl_imitation_ref(z: torch.Tensor, z_ref: torch.Tensor, *, temperature: float
         n = mask.sum().to(acc) if mask is not None else torch.tensor(float(rows.numel()), dtype=acc)
         return rows.sum() / n.clamp_min(1)
     raise ValueError(f"kl_imitation_ref: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def feature_imitation_ref(h: torch.Tensor, h_ref: torch.Tensor, *, p: int = 2, mask: torch.Tensor | None = None,
+                          reduction: str = "mean") -> torch.Tensor:
+    """Per-token distance between hidden states ``h`` and ``h_ref`` ``[..., D]``: Σ_d |h − h_ref|
+    (p = 1) or Σ_d (h − h_ref)² (p = 2), in float64 for float64 inputs, else float32. Reductions over
+    the tokens where ``mask`` is true: 'mean' divides the sum by (#tokens · D) (0 when none: as
+    F.l1_loss / F.mse_loss over the counted tokens), 'sum', 'none' (per token ``[...]``, masked 0)."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    diff = h.to(acc) - h_ref.to(acc)
+    if p == 1:
+        rows = diff.abs().sum(-1)
+    elif p == 2:
+        rows = diff.square().sum(-1)
+    else:
+        raise ValueError(f"feature_imitation_ref: p must be 1 or 2, got {p!r}")
+    if mask is not None:
+        rows = torch.where(mask.to(torch.bool), rows, torch.zeros((), dtype=acc, device=rows.device))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        n = mask.to(torch.bool).sum().to(acc) if mask is not None else torch.tensor(float(rows.numel()), dtype=acc)
+        return rows.sum() / (n * h.shape[-1]).clamp_min(1)
+    raise ValueError(f"feature_imitation_ref: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

@@ -1,0 +1,130 @@
+// CPU kernels of feature imitation: rows of [N, D] split over threads, one pass over h and h_ref
+// per call; per-row results keep the loss independent of the thread count.
+#include <algorithm>
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/isa.h"
+#include "common/parallel.h"
+#include "margin/feature.h"
+#include "margin/margin.h"
+
+namespace retain::margin {
+namespace {
+
+// A row is summed in blocks of kBlock elements in the accumulation type (a vectorised reduction,
+// so each SIMD lane adds kBlock / width terms) and the block sums in double: the float32 error of
+// a 4096-wide row stays at a few ulp instead of growing with D.
+constexpr int64_t kBlock = 256;
+
+template <typename T, int P>
+RETAIN_FORCE_INLINE void feature_fwd_rows(const T* __restrict h, const T* __restrict h_ref,
+                                          const uint8_t* __restrict mask, int64_t D, double* __restrict loss,
+                                          int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (mask && !mask[r]) {
+      loss[r] = 0.0;
+      continue;
+    }
+    const T* __restrict hr = h + r * D;
+    const T* __restrict qr = h_ref + r * D;
+    double total = 0.0;
+    for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+      const int64_t n = std::min(kBlock, D - d0);
+      A s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < n; ++d) s += feature_element<P>(load_as<A>(hr[d0 + d]) - load_as<A>(qr[d0 + d]));
+      total += static_cast<double>(s);
+    }
+    loss[r] = total;
+  }
+}
+
+template <typename T, int P>
+RETAIN_FORCE_INLINE void feature_bwd_rows(const T* __restrict h, const T* __restrict h_ref, const double* __restrict g,
+                                          const uint8_t* __restrict mask, int64_t D, T* __restrict grad_h,
+                                          T* __restrict grad_ref, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    T* __restrict gh = grad_h ? grad_h + r * D : nullptr;
+    T* __restrict gq = grad_ref ? grad_ref + r * D : nullptr;
+    if (mask && !mask[r]) {  // explicit zeros: g is 0 there, but h may hold Inf/NaN padding
+      if (gh) std::fill(gh, gh + D, T{});
+      if (gq) std::fill(gq, gq + D, T{});
+      continue;
+    }
+    const T* __restrict hr = h + r * D;
+    const T* __restrict qr = h_ref + r * D;
+    const A gr = static_cast<A>(g[r]);
+    if (gh && gq) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        const A v = gr * feature_slope<P>(load_as<A>(hr[d]) - load_as<A>(qr[d]));
+        store_as(gh[d], v);
+        store_as(gq[d], -v);
+      }
+    } else if (gh) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) store_as(gh[d], gr * feature_slope<P>(load_as<A>(hr[d]) - load_as<A>(qr[d])));
+    } else if (gq) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) store_as(gq[d], -(gr * feature_slope<P>(load_as<A>(hr[d]) - load_as<A>(qr[d]))));
+    }
+  }
+}
+
+#define RETAIN_FEATURE_KERNELS(T)                                                                              \
+  RETAIN_ISA_CLONES void feature_fwd_rows_isa(const T* h, const T* h_ref, const uint8_t* mask, int64_t D,      \
+                                              int p, double* loss, int64_t r0, int64_t r1) {                   \
+    if (p == 1) {                                                                                              \
+      feature_fwd_rows<T, 1>(h, h_ref, mask, D, loss, r0, r1);                                                 \
+    } else {                                                                                                   \
+      feature_fwd_rows<T, 2>(h, h_ref, mask, D, loss, r0, r1);                                                 \
+    }                                                                                                          \
+  }                                                                                                            \
+  RETAIN_ISA_CLONES void feature_bwd_rows_isa(const T* h, const T* h_ref, const double* g, const uint8_t* mask, \
+                                              int64_t D, int p, T* grad_h, T* grad_ref, int64_t r0,            \
+                                              int64_t r1) {                                                    \
+    if (p == 1) {                                                                                              \
+      feature_bwd_rows<T, 1>(h, h_ref, g, mask, D, grad_h, grad_ref, r0, r1);                                  \
+    } else {                                                                                                   \
+      feature_bwd_rows<T, 2>(h, h_ref, g, mask, D, grad_h, grad_ref, r0, r1);                                  \
+    }                                                                                                          \
+  }
+RETAIN_FEATURE_KERNELS(float)
+RETAIN_FEATURE_KERNELS(double)
+RETAIN_FEATURE_KERNELS(bf16_t)
+RETAIN_FEATURE_KERNELS(f16_t)
+#undef RETAIN_FEATURE_KERNELS
+
+}  // namespace
+
+template <typename T>
+void feature_imitation_fwd_cpu(const T* h, const T* h_ref, const uint8_t* mask, int64_t N, int64_t D, int p,
+                               double* loss, int nthreads) {
+  parallel_for(N, D * 2, nthreads, [&](int64_t r0, int64_t r1) {
+    feature_fwd_rows_isa(h, h_ref, mask, D, p, loss, r0, r1);
+  });
+}
+
+template <typename T>
+void feature_imitation_bwd_cpu(const T* h, const T* h_ref, const double* g, const uint8_t* mask, int64_t N,
+                               int64_t D, int p, T* grad_h, T* grad_h_ref, int nthreads) {
+  parallel_for(N, D * 3, nthreads, [&](int64_t r0, int64_t r1) {
+    feature_bwd_rows_isa(h, h_ref, g, mask, D, p, grad_h, grad_h_ref, r0, r1);
+  });
+}
+
+#define RETAIN_INSTANTIATE(T)                                                                                  \
+  template void feature_imitation_fwd_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, int, double*, \
+                                             int);                                                             \
+  template void feature_imitation_bwd_cpu<T>(const T*, const T*, const double*, const uint8_t*, int64_t, int64_t, \
+                                             int, T*, T*, int);
+RETAIN_INSTANTIATE(float)
+RETAIN_INSTANTIATE(double)
+RETAIN_INSTANTIATE(bf16_t)
+RETAIN_INSTANTIATE(f16_t)
+#undef RETAIN_INSTANTIATE
+
+}  // namespace retain::margin
