@@ -113,9 +113,18 @@ def test_pack_unpack_roundtrip_and_storage(D):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_tm_loss_matches_reference(dtype, per_sample, reduction):
-    h, labels, pos, neg, mask = make_case(B=3, L=6, D=37, dtype=dtype, per_sample=per_sample, seed=7)
+@pytest.mark.parametrize("D", [37, 200])
+def test_tm_loss_matches_reference(dtype, per_sample, reduction, D):
+    # D = 200: three blocks of 64 (the AVX-512 loop, where the CPU has it), 16-wide vectors, a tail
+    h, labels, pos, neg, mask = make_case(B=3, L=6, D=D, dtype=dtype, per_sample=per_sample, seed=7)
     check(h, labels, pos, neg, mask, reduction)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_tm_loss_streamed_gradient(packed):
+    # a 16 MiB float32 gradient: rows are written with streaming stores past the caches
+    h, labels, pos, neg, mask = make_case(B=2, L=512, D=4096, dtype=torch.float32, seed=8)
+    check(h, ref.pack_tm_labels_ref(labels) if packed else labels, pos.detach(), neg.detach(), mask, "violations")
 
 
 @given(B=st.integers(1, 3), L=st.integers(1, 9), D=st.sampled_from([1, 2, 4, 7, 63, 64, 65, 130]),
