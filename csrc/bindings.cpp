@@ -235,11 +235,29 @@ PYBIND11_MODULE(_C, m) {
       "tm_loss_fwd_cpu",
       [](int dtype, bool packed, uintptr_t h, uintptr_t labels, int64_t label_row, uintptr_t pos, uintptr_t neg,
          bool per_sample, uintptr_t mask, int64_t B, int64_t L, int64_t D, uintptr_t row_sum, uintptr_t row_count,
-         int nthreads) {
+         uintptr_t slope_bits, int nthreads) {
         auto* sums = retain::as_mut_ptr<double>(row_sum, kTmLoss, "row_sum", B * L == 0);
         auto* counts = retain::as_mut_ptr<int64_t>(row_count, kTmLoss, "row_count", B * L == 0);
+        auto* bits = retain::as_mut_ptr<uint16_t>(slope_bits, kTmLoss, "slope_bits", true);
         tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D, [&](auto hp, auto lp, auto pp, auto np, auto mp) {
-          retain::margin::tm_loss_fwd_cpu(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums, counts, nthreads);
+          retain::margin::tm_loss_fwd_cpu(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums, counts, bits,
+                                          nthreads);
+        });
+      },
+      nogil);
+  m.def(
+      "tm_loss_bwd_bits_cpu",
+      [](int dtype, uintptr_t slope_bits, int64_t rows, int64_t D, double scale, uintptr_t grad, int nthreads) {
+        retain::check_sizes({rows, D}, kTmLoss);
+        const bool empty = rows * D == 0;
+        const auto* bits = retain::as_ptr<uint16_t>(slope_bits, kTmLoss, "slope_bits", empty);
+        RETAIN_DISPATCH_FLOATING(dtype, kTmLoss, [&] {
+          if constexpr (std::is_same_v<scalar_t, double>) {
+            retain::check(false, kTmLoss, "slope bits are kept for float32/bfloat16/float16 only");
+          } else {
+            retain::margin::tm_loss_bwd_bits_cpu(bits, rows, D, scale,
+                                                 retain::as_mut_ptr<scalar_t>(grad, kTmLoss, "grad_h", empty), nthreads);
+          }
         });
       },
       nogil);

@@ -8,10 +8,20 @@
 namespace retain::margin {
 
 // Per-row partial results: row_sum[b*L + l] = sum of the row's losses, row_count = #losses > 0.
+// slope_bits (or null) keeps the sign of every element's slope for the backward, 2 bits an
+// element: row r's words [r * W, (r + 1) * W), W = tm_slope_words(D), hold for each block k of
+// 16 elements the mask of slope +1 (word 2k) and of slope -1 (word 2k + 1); 0 for masked rows.
 template <typename T, typename Lab, typename A>
 void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
-                     double* row_sum, int64_t* row_count, int nthreads);
+                     double* row_sum, int64_t* row_count, uint16_t* slope_bits, int nthreads);
+
+inline int64_t tm_slope_words(int64_t D) { return 2 * ((D + 15) / 16); }
+
+// grad_h = scale * slope from the forward's slope_bits (rows = B * L): no second read of h.
+template <typename T>
+void tm_loss_bwd_bits_cpu(const uint16_t* slope_bits, int64_t rows, int64_t D, double scale, T* grad_h,
+                          int nthreads);
 
 // grad_h = scale * mask * d loss / d h.
 template <typename T, typename Lab, typename A>

@@ -79,7 +79,8 @@ struct TmInterval {
 // max / masked adds replace compare-and-select pairs: about half the instructions of the
 // portable vector loop, which left the TM loss core-bound. Same operations per element as
 // tm_element / tm_slope (max(a, 0) is a > 0 ? a : 0, NaN included).
-const bool kTmAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+const bool kTmAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("bmi2");
 
 // GCC 12 reports the deliberately undefined register inside its own _mm512_undefined_ps
 // (used by the intrinsics below) as uninitialised: a false positive in the system header.
@@ -87,7 +88,7 @@ const bool kTmAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_suppor
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define RETAIN_AVX512 __attribute__((target("avx512f,avx512bw"), always_inline)) inline
+#define RETAIN_AVX512 __attribute__((target("avx512f,avx512bw,bmi2"), always_inline)) inline
 RETAIN_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 RETAIN_AVX512 __m512 load16(const bf16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -100,18 +101,31 @@ RETAIN_AVX512 __m512 load16(const f16_t* p) {
 // The hardware prefetchers alone leave a row loop at about half the read bandwidth: fetch the
 // same 64 elements of the next row (h and labels) one row ahead (prefetches never fault, so the
 // last row's reach past the end is harmless).
-template <typename T>
-RETAIN_AVX512 void prefetch_next_row(const T* h, const int8_t* lab, int64_t D) {
+template <typename T, typename Lab>
+RETAIN_AVX512 void prefetch_next_row(const T* h, const Lab* lab, int64_t D) {
   const char* hn = reinterpret_cast<const char*>(h + D);
   for (int64_t b = 0; b < int64_t{64 * sizeof(T)}; b += 64) _mm_prefetch(hn + b, _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(lab + D), _MM_HINT_T0);
+  // the next row's labels: D int8, or D / 4 packed bytes (the caller passes label_row elements)
+  _mm_prefetch(reinterpret_cast<const char*>(lab), _MM_HINT_T0);
 }
 
-// Label masks of 64 labels: (> 0, < 0).
-RETAIN_AVX512 void label_masks(const int8_t* lab, __mmask64& kp, __mmask64& kn) {
-  const __m512i l = _mm512_loadu_si512(lab);
+// Label masks (> 0, < 0) of elements d .. d + 63 of a row: int8 labels by a byte compare; packed
+// 2-bit codes (element i at bits 2i of the row read as little-endian words: code 1 = +1, 2 = -1)
+// by extracting the even and odd bits (code 3, never written by pack_tm_labels, reads as 0 as in
+// label_at). Packed rows are never decoded.
+RETAIN_AVX512 void label_masks(const int8_t* lab, int64_t d, __mmask64& kp, __mmask64& kn) {
+  const __m512i l = _mm512_loadu_si512(lab + d);
   kp = _mm512_cmpgt_epi8_mask(l, _mm512_setzero_si512());
   kn = _mm512_cmplt_epi8_mask(l, _mm512_setzero_si512());
+}
+RETAIN_AVX512 void label_masks(const uint8_t* lab, int64_t d, __mmask64& kp, __mmask64& kn) {
+  uint64_t w[2];
+  std::memcpy(w, lab + d / 4, 16);
+  const uint64_t even = 0x5555555555555555ull, odd = 0xAAAAAAAAAAAAAAAAull;
+  const uint64_t lo = _pext_u64(w[0], even) | (_pext_u64(w[1], even) << 32);
+  const uint64_t hi = _pext_u64(w[0], odd) | (_pext_u64(w[1], odd) << 32);
+  kp = lo & ~hi;
+  kn = hi & ~lo;
 }
 
 // The interval [lo, hi] of 16 elements (+1: [P, inf), -1: (-inf, N], 0: [N, P]).
@@ -124,17 +138,19 @@ RETAIN_AVX512 void interval16(__mmask64 kp, __mmask64 kn, int j, const float* P,
 }
 
 // Loss sum and violation count of the first D / 64 * 64 elements of a row; returns that count.
-template <typename T>
-__attribute__((target("avx512f,avx512bw"))) int64_t tm_fwd_row_avx512(const T* h, const int8_t* lab, const float* P,
+template <typename T, typename Lab>
+__attribute__((target("avx512f,avx512bw,bmi2"))) int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
+                                                                     const float* P,
                                                                      const float* N, int64_t D, float& sum,
-                                                                     float& count) {
+                                                                     float& count, uint16_t* bits) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   __m512 vs = zero, vc = zero;
   const int64_t D64 = D / 64 * 64;
+  const Lab* lab_next = lab + label_row;
   for (int64_t d = 0; d < D64; d += 64) {
-    prefetch_next_row(h + d, lab + d, D);
+    prefetch_next_row(h + d, lab_next + (std::is_same_v<Lab, uint8_t> ? d / 4 : d), D);
     __mmask64 kp, kn;
-    label_masks(lab + d, kp, kn);
+    label_masks(lab, d, kp, kn);
     for (int j = 0; j < 4; ++j) {
       const int64_t e0 = d + 16 * j;
       __m512 lo, hi;
@@ -144,6 +160,10 @@ __attribute__((target("avx512f,avx512bw"))) int64_t tm_fwd_row_avx512(const T* h
                                      _mm512_max_ps(_mm512_sub_ps(x, hi), zero));
       vs = _mm512_add_ps(vs, e);
       vc = _mm512_mask_add_ps(vc, _mm512_cmp_ps_mask(e, zero, _CMP_GT_OQ), vc, one);
+      if (bits) {
+        bits[e0 / 8] = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+        bits[e0 / 8 + 1] = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+      }
     }
   }
   sum = _mm512_reduce_add_ps(vs);
@@ -153,16 +173,18 @@ __attribute__((target("avx512f,avx512bw"))) int64_t tm_fwd_row_avx512(const T* h
 
 // scale * slope of the first D / 64 * 64 elements into the float row g (streamed past the caches
 // when `stream`, g then 64-byte aligned); returns that count.
-template <typename T>
-__attribute__((target("avx512f,avx512bw"))) int64_t tm_bwd_row_avx512(const T* h, const int8_t* lab, const float* P,
+template <typename T, typename Lab>
+__attribute__((target("avx512f,avx512bw,bmi2"))) int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
+                                                                     const float* P,
                                                                      const float* N, int64_t D, float scale,
                                                                      float* g, bool stream) {
   const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
   const int64_t D64 = D / 64 * 64;
+  const Lab* lab_next = lab + label_row;
   for (int64_t d = 0; d < D64; d += 64) {
-    prefetch_next_row(h + d, lab + d, D);
+    prefetch_next_row(h + d, lab_next + (std::is_same_v<Lab, uint8_t> ? d / 4 : d), D);
     __mmask64 kp, kn;
-    label_masks(lab + d, kp, kn);
+    label_masks(lab, d, kp, kn);
     for (int j = 0; j < 4; ++j) {
       const int64_t e0 = d + 16 * j;
       __m512 lo, hi;
@@ -175,6 +197,17 @@ __attribute__((target("avx512f,avx512bw"))) int64_t tm_bwd_row_avx512(const T* h
   }
   return D64;
 }
+// grad = scale * slope of the first D / 16 * 16 elements from the slope bits; returns that count.
+__attribute__((target("avx512f,avx512bw,bmi2"))) int64_t tm_bits_row_avx512(const uint16_t* bits, int64_t D, float scale,
+                                                                      float* g, bool stream) {
+  const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
+  const int64_t D16 = D / 16 * 16;
+  for (int64_t e0 = 0; e0 < D16; e0 += 16) {
+    const __m512 out = _mm512_add_ps(_mm512_maskz_mov_ps(bits[e0 / 8], plus), _mm512_maskz_mov_ps(bits[e0 / 8 + 1], minus));
+    if (stream) _mm512_stream_ps(g + e0, out); else _mm512_storeu_ps(g + e0, out);
+  }
+  return D16;
+}
 #undef RETAIN_AVX512
 #pragma GCC diagnostic pop
 #endif
@@ -184,10 +217,14 @@ template <typename T, typename Lab, typename A>
 RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict labels, int64_t label_row,
                                   const A* __restrict pos, const A* __restrict neg, bool per_sample,
                                   const uint8_t* __restrict mask, int64_t L, int64_t D, double* __restrict row_sum,
-                                  int64_t* __restrict row_count, int64_t r0, int64_t r1) {
+                                  int64_t* __restrict row_count, uint16_t* __restrict slope_bits, int64_t r0,
+                                  int64_t r1) {
   std::vector<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
   const int64_t Dv = kVectorTm<T> ? D / 16 * 16 : 0;
+  const int64_t W = tm_slope_words(D);
   for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* __restrict bits = slope_bits ? slope_bits + r * W : nullptr;
+    if (bits) std::fill(bits, bits + W, uint16_t{0});
     if (mask && !mask[r]) {
       row_sum[r] = 0.0, row_count[r] = 0;
       continue;
@@ -196,14 +233,14 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
     const A* __restrict p = per_sample ? pos + b * D : pos;
     const A* __restrict n = per_sample ? neg + b * D : neg;
     const T* __restrict hr = h + r * D;
-    const int8_t* __restrict lr = row_labels(labels, label_row, r, D, scratch.data());
     A sum = 0, count = 0;  // a float count stays exact up to 2^24 elements a row
-    int64_t d0 = 0;  // elements done by the AVX-512 loop
+    int64_t d0 = 0;  // elements done by the AVX-512 loop (which reads packed rows as they are)
 #ifdef RETAIN_TM_AVX512
     if constexpr (kVectorTm<T>) {
-      if (kTmAvx512) d0 = tm_fwd_row_avx512(hr, lr, p, n, D, sum, count);
+      if (kTmAvx512) d0 = tm_fwd_row_avx512(hr, labels + r * label_row, label_row, p, n, D, sum, count, bits);
     }
 #endif
+    const int8_t* __restrict lr = d0 < D ? row_labels(labels, label_row, r, D, scratch.data()) : nullptr;
     if constexpr (kVectorTm<T>) {
       using VF = Vec<float>::type;
       VF vs{}, vc{};
@@ -215,14 +252,30 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
         const VF e = (below > 0.0f ? below : zero) + (above > 0.0f ? above : zero);
         vs += e;
         vc += e > 0.0f ? one : zero;
+        if (bits) {
+          const auto above = x > iv.hi, below = x < iv.lo;  // lanes of -1 / 0
+          uint16_t a = 0, bl = 0;
+          for (int l = 0; l < 16; ++l) {
+            a |= static_cast<uint16_t>((above[l] & 1) << l);
+            bl |= static_cast<uint16_t>((below[l] & 1) << l);
+          }
+          bits[d / 8] = a;
+          bits[d / 8 + 1] = bl;
+        }
       }
       sum += vsum<float>(vs);
       count += vsum<float>(vc);
     }
     for (int64_t d = Dv; d < D; ++d) {
-      const A e = tm_element(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]);
+      const A x = load_as<A>(hr[d]);
+      const A e = tm_element(x, label_at(lr, d), p[d], n[d]);
       sum += e;
       count += e > A(0) ? A(1) : A(0);
+      if (bits) {
+        const A slope = tm_slope(x, label_at(lr, d), p[d], n[d]);
+        const int word = static_cast<int>(d / 16) * 2 + (slope < A(0) ? 1 : 0);
+        if (slope != A(0)) bits[word] = static_cast<uint16_t>(bits[word] | (1u << (d % 16)));
+      }
     }
     row_sum[r] = static_cast<double>(sum);
     row_count[r] = static_cast<int64_t>(count);
@@ -247,22 +300,23 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
     const A* __restrict p = per_sample ? pos + b * D : pos;
     const A* __restrict n = per_sample ? neg + b * D : neg;
     const T* __restrict hr = h + r * D;
-    const int8_t* __restrict lr = row_labels(labels, label_row, r, D, scratch.data());
     A* __restrict g = row.data();
-    int64_t d0 = 0;  // elements done by the AVX-512 loop
+    int64_t d0 = 0;  // elements done by the AVX-512 loop (which reads packed rows as they are)
 #ifdef RETAIN_TM_AVX512
     if constexpr (kVectorTm<T>) {
       if (kTmAvx512) {
         // float gradients go straight to the output (streamed); 16-bit ones through the row
         // buffer and store_row's rounding conversion
+        const Lab* raw = labels + r * label_row;
         if constexpr (std::is_same_v<T, float>) {
-          d0 = tm_bwd_row_avx512(hr, lr, p, n, D, scale, grad + r * D, stream);
+          d0 = tm_bwd_row_avx512(hr, raw, label_row, p, n, D, scale, grad + r * D, stream);
         } else {
-          d0 = tm_bwd_row_avx512(hr, lr, p, n, D, scale, g, false);
+          d0 = tm_bwd_row_avx512(hr, raw, label_row, p, n, D, scale, g, false);
         }
       }
     }
 #endif
+    const int8_t* __restrict lr = d0 < D ? row_labels(labels, label_row, r, D, scratch.data()) : nullptr;
     if constexpr (kVectorTm<T>) {
       using VF = Vec<float>::type;
       const VF zero{}, plus = vsplat(static_cast<float>(scale)), minus = -plus;
@@ -282,17 +336,61 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
   stream_fence(stream);
 }
 
+// grad = scale * slope from the forward's slope bits, a row at a time.
+template <typename T>
+RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_t D, float scale, T* __restrict grad,
+                                   bool stream, int64_t r0, int64_t r1) {
+  std::vector<float> row(D);
+  const int64_t W = tm_slope_words(D);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* __restrict bits = slope_bits + r * W;
+    float* __restrict g = row.data();
+    int64_t d0 = 0;  // elements done by the AVX-512 loop (float: written to the output itself)
+#ifdef RETAIN_TM_AVX512
+    if (kTmAvx512) {
+      if constexpr (std::is_same_v<T, float>) {
+        d0 = tm_bits_row_avx512(bits, D, scale, grad + r * D, stream);
+      } else {
+        d0 = tm_bits_row_avx512(bits, D, scale, g, false);
+      }
+    }
+#endif
+    for (int64_t d = d0; d < D; ++d) {
+      const int l = static_cast<int>(d % 16);
+      g[d] = static_cast<float>((bits[2 * (d / 16)] >> l) & 1) * scale -
+             static_cast<float>((bits[2 * (d / 16) + 1] >> l) & 1) * scale;
+    }
+    if (std::is_same_v<T, float> && d0 > 0) {
+      store_row(grad + r * D + d0, g + d0, D - d0, stream);
+    } else {
+      store_row(grad + r * D, g, D, stream);
+    }
+  }
+  stream_fence(stream);
+}
+
 #define RETAIN_ROW_KERNELS(T, Lab)                                                                              \
   RETAIN_ISA_CLONES void fwd_rows_isa(const T* h, const Lab* labels, int64_t label_row, const Acc<T>* pos,       \
                                       const Acc<T>* neg, bool per_sample, const uint8_t* mask, int64_t L,        \
-                                      int64_t D, double* row_sum, int64_t* row_count, int64_t r0, int64_t r1) {  \
-    fwd_rows<T, Lab, Acc<T>>(h, labels, label_row, pos, neg, per_sample, mask, L, D, row_sum, row_count, r0, r1); \
+                                      int64_t D, double* row_sum, int64_t* row_count, uint16_t* slope_bits,      \
+                                      int64_t r0, int64_t r1) {                                                  \
+    fwd_rows<T, Lab, Acc<T>>(h, labels, label_row, pos, neg, per_sample, mask, L, D, row_sum, row_count,         \
+                             slope_bits, r0, r1);                                                                \
   }                                                                                                             \
   RETAIN_ISA_CLONES void bwd_rows_isa(const T* h, const Lab* labels, int64_t label_row, const Acc<T>* pos,       \
                                       const Acc<T>* neg, bool per_sample, const uint8_t* mask, int64_t L,        \
                                       int64_t D, Acc<T> scale, T* grad, bool stream, int64_t r0, int64_t r1) {   \
     bwd_rows<T, Lab, Acc<T>>(h, labels, label_row, pos, neg, per_sample, mask, L, D, scale, grad, stream, r0, r1); \
   }
+#define RETAIN_BITS_KERNELS(T)                                                                                  \
+  RETAIN_ISA_CLONES void bits_rows_isa(const uint16_t* slope_bits, int64_t D, float scale, T* grad, bool stream,  \
+                                       int64_t r0, int64_t r1) {                                                \
+    bits_rows<T>(slope_bits, D, scale, grad, stream, r0, r1);                                                   \
+  }
+RETAIN_BITS_KERNELS(float)
+RETAIN_BITS_KERNELS(bf16_t)
+RETAIN_BITS_KERNELS(f16_t)
+#undef RETAIN_BITS_KERNELS
 RETAIN_ROW_KERNELS(float, int8_t)
 RETAIN_ROW_KERNELS(float, uint8_t)
 RETAIN_ROW_KERNELS(double, int8_t)
@@ -308,9 +406,10 @@ RETAIN_ROW_KERNELS(f16_t, uint8_t)
 template <typename T, typename Lab, typename A>
 void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
-                     double* row_sum, int64_t* row_count, int nthreads) {
+                     double* row_sum, int64_t* row_count, uint16_t* slope_bits, int nthreads) {
   parallel_for(B * L, D * 4, nthreads, [&](int64_t r0, int64_t r1) {
-    fwd_rows_isa(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, row_sum, row_count, r0, r1);
+    fwd_rows_isa(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, row_sum, row_count, slope_bits,
+                 r0, r1);
   });
 }
 
@@ -326,10 +425,23 @@ void tm_loss_bwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* 
   });
 }
 
+// double has no bits path: Python keeps its slope bits empty and runs the two-pass backward.
+template <typename T>
+void tm_loss_bwd_bits_cpu(const uint16_t* slope_bits, int64_t rows, int64_t D, double scale, T* grad_h,
+                          int nthreads) {
+  const bool stream = rows * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0;
+  parallel_for(rows, D, nthreads, [&](int64_t r0, int64_t r1) {
+    bits_rows_isa(slope_bits, D, static_cast<float>(scale), grad_h, stream, r0, r1);
+  });
+}
+template void tm_loss_bwd_bits_cpu<float>(const uint16_t*, int64_t, int64_t, double, float*, int);
+template void tm_loss_bwd_bits_cpu<bf16_t>(const uint16_t*, int64_t, int64_t, double, bf16_t*, int);
+template void tm_loss_bwd_bits_cpu<f16_t>(const uint16_t*, int64_t, int64_t, double, f16_t*, int);
+
 #define RETAIN_INSTANTIATE(T, Lab)                                                                            \
   template void tm_loss_fwd_cpu<T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
                                                 bool, const uint8_t*, int64_t, int64_t, int64_t, double*,       \
-                                                int64_t*, int);                                                \
+                                                int64_t*, uint16_t*, int);                                     \
   template void tm_loss_bwd_cpu<T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
                                                 bool, const uint8_t*, int64_t, int64_t, int64_t, double, T*, int);
 RETAIN_INSTANTIATE(float, int8_t)

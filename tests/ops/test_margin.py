@@ -171,8 +171,28 @@ def test_tm_loss_opcheck():
     h, labels, pos, neg, mask = make_case(B=2, L=3, D=6, dtype=torch.float32, seed=13)
     args = (h, labels, pos.detach().float(), neg.detach().float(), mask.to(torch.uint8), 0)
     torch.library.opcheck(_ops.tm_loss_op, args)
-    loss, denom = _ops.tm_loss_op(*args)
+    torch.library.opcheck(_ops.tm_loss_op, (*args, True))
+    loss, denom, bits = _ops.tm_loss_op(*args, True)
+    assert bits.shape == (6, 2) and bits.dtype == torch.int16
     torch.library.opcheck(_ops.tm_loss_backward_op, (torch.ones(()), denom, h.detach(), *args[1:5]))
+    torch.library.opcheck(_ops.tm_loss_backward_bits_op, (torch.ones(()), denom, bits, h.detach()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [5, 16, 64, 200])
+@pytest.mark.parametrize("packed", [False, True])
+def test_tm_loss_backward_from_slope_bits_equals_the_two_pass_backward(dtype, D, packed):
+    # the gradient written from the forward's slope bits is the one the backward kernel computes
+    # from h and the labels, bit for bit (blocks of 64, of 16 and a tail; masked rows)
+    h, labels, pos, neg, mask = make_case(B=3, L=5, D=D, dtype=dtype, seed=D)
+    labels = ref.pack_tm_labels_ref(labels) if packed else labels
+    args = (h.detach(), labels, pos.detach().float(), neg.detach().float(), mask.to(torch.uint8), 0)
+    _, denom, bits = _ops.tm_loss_op(*args, True)
+    g = torch.tensor(0.75)
+    from_bits = _ops.tm_loss_backward_bits_op(g, denom, bits, h.detach())
+    two_pass = _ops.tm_loss_backward_op(g, denom, *args[:5])
+    assert torch.equal(from_bits, two_pass)
+    assert (from_bits[~mask] == 0).all() and (from_bits != 0).any()
 
 
 def test_tm_loss_torch_compile_fullgraph():
@@ -452,7 +472,7 @@ def test_tm_loss_cuda_opcheck_and_compile():
         for reduction in (0, 1, 2):
             args = (h, lab, pos.detach(), neg.detach(), mask.to(torch.uint8), reduction)
             torch.library.opcheck(_ops.tm_loss_op, args)
-            _, denom = _ops.tm_loss_op(*args)
+            _, denom, _ = _ops.tm_loss_op(*args)
             assert denom.device == h.device
             torch.library.opcheck(_ops.tm_loss_backward_op,
                                   (torch.ones((), device="cuda"), denom, h.detach(), *args[1:5]))

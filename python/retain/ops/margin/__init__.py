@@ -90,7 +90,11 @@ def tm_loss(h: Tensor, labels: Tensor, pos_thr: Tensor, neg_thr: Tensor, *, mask
         raise ValueError(f"{op}: reduction must be one of {tuple(REDUCTION_CODES)}, got {reduction!r}")
     if kernel_device("tm_loss", h) is None:  # RETAIN_FALLBACK=reference
         return reference.tm_loss_ref(h, labels, thr[0], thr[1], mask=mask, reduction=reduction)
-    loss, _ = tm_loss_op(h.contiguous(), labels.contiguous(), thr[0], thr[1], mask, REDUCTION_CODES[reduction])
+    # when h will get a gradient, the forward keeps its slope signs (2 bits an element) and the
+    # backward writes the gradient from them instead of reading h and the labels again
+    keep_slope = torch.is_grad_enabled() and h.requires_grad
+    loss, _, _ = tm_loss_op(h.contiguous(), labels.contiguous(), thr[0], thr[1], mask, REDUCTION_CODES[reduction],
+                            keep_slope)
     return loss
 
 

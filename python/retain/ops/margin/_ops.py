@@ -39,34 +39,64 @@ def _denominator(reduction: int, count: Tensor, mask: Tensor | None, B: int, L: 
     return torch.ones((), dtype=torch.float64, device=count.device)
 
 
+def _slope_bits_shape(h: Tensor, keep_slope: bool) -> tuple[int, ...]:
+    """Shape of the slope bits the forward keeps: [B * L, 2 * ceil(D / 16)] 16-bit words (2 bits an
+    element) for CPU float32/bfloat16/float16 when asked, else empty (the backward re-reads h)."""
+    B, L, D = h.shape
+    if keep_slope and h.device.type == "cpu" and h.dtype != torch.float64:
+        return (B * L, 2 * ((D + 15) // 16))
+    return (0,)
+
+
 @torch.library.custom_op("retain::tm_loss", mutates_args=())
 def tm_loss_op(h: Tensor, labels: Tensor, pos_thr: Tensor, neg_thr: Tensor, mask: Tensor | None,
-               reduction: int) -> tuple[Tensor, Tensor]:
-    """(loss, denominator): the reduced TM loss (state dtype, 0-dim) and the float64 divisor used.
-    h [B, L, D]; labels int8 [B, L, D] or packed uint8 [B, L, ceil(D/4)]; thresholds [D] or [B, D]
-    in the state dtype; mask uint8 [B, L] or None."""
+               reduction: int, keep_slope: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, denominator, slope_bits): the reduced TM loss (state dtype, 0-dim), the float64
+    divisor used and, with keep_slope (h requires grad), the sign of every element's slope for the
+    backward (int16 words, see _slope_bits_shape). h [B, L, D]; labels int8 [B, L, D] or packed
+    uint8 [B, L, ceil(D/4)]; thresholds [D] or [B, D] in the state dtype; mask uint8 [B, L] or None."""
     device = kernel_device("tm_loss", h)
     if device is None:
         raise NotImplementedError("retain::tm_loss: the reference fallback runs through retain.ops.tm_loss")
     B, L, D = h.shape
     row_sum = torch.empty(B * L, dtype=torch.float64, device=h.device)
     row_count = torch.empty(B * L, dtype=torch.int64, device=h.device)
+    bits = torch.empty(_slope_bits_shape(h, keep_slope), dtype=torch.int16, device=h.device)
     if B * L:
         args = (_native.DTYPE_CODES[h.dtype], labels.dtype == torch.uint8, h.data_ptr(), labels.data_ptr(),
                 labels.shape[-1], pos_thr.data_ptr(), neg_thr.data_ptr(), pos_thr.dim() == 2, _ptr(mask), B, L, D,
                 row_sum.data_ptr(), row_count.data_ptr())
         if device == "cpu":
-            _native.lib().tm_loss_fwd_cpu(*args, _native.num_threads())
+            _native.lib().tm_loss_fwd_cpu(*args, bits.data_ptr() if bits.numel() else 0, _native.num_threads())
         else:
             with _launch_guard(h):
                 _native.lib().tm_loss_fwd_cuda(*args, _native.cuda_stream(h.device))
     denom = _denominator(reduction, row_count.sum(), mask, B, L, D)
-    return (row_sum.sum() / denom).to(acc_dtype(h.dtype)), denom
+    return (row_sum.sum() / denom).to(acc_dtype(h.dtype)), denom, bits
 
 
 @tm_loss_op.register_fake
-def _(h, labels, pos_thr, neg_thr, mask, reduction):
-    return h.new_empty((), dtype=acc_dtype(h.dtype)), h.new_empty((), dtype=torch.float64)
+def _(h, labels, pos_thr, neg_thr, mask, reduction, keep_slope=False):
+    return (h.new_empty((), dtype=acc_dtype(h.dtype)), h.new_empty((), dtype=torch.float64),
+            h.new_empty(_slope_bits_shape(h, keep_slope), dtype=torch.int16))
+
+
+@torch.library.custom_op("retain::tm_loss_backward_bits", mutates_args=())
+def tm_loss_backward_bits_op(grad: Tensor, denom: Tensor, slope_bits: Tensor, h: Tensor) -> Tensor:
+    """d loss / d h = grad / denominator * slope from the forward's slope bits: writes the gradient
+    without reading h again (h gives the shape and dtype only)."""
+    B, L, D = h.shape
+    grad_h = _native.empty_like(h)
+    if h.numel():
+        scale = float(grad.to(torch.float64) / denom)
+        _native.lib().tm_loss_bwd_bits_cpu(_native.DTYPE_CODES[h.dtype], slope_bits.data_ptr(), B * L, D, scale,
+                                           grad_h.data_ptr(), _native.num_threads())
+    return grad_h
+
+
+@tm_loss_backward_bits_op.register_fake
+def _(grad, denom, slope_bits, h):
+    return torch.empty_like(h)
 
 
 @torch.library.custom_op("retain::tm_loss_backward", mutates_args=())
@@ -118,20 +148,24 @@ def _threshold_grads(grad, denom, h, labels, pos_thr, neg_thr, mask):
 
 
 def _setup_context(ctx, inputs, output):
-    h, labels, pos_thr, neg_thr, mask, reduction = inputs
-    _, denom = output
-    ctx.mark_non_differentiable(denom)
-    ctx.save_for_backward(h, labels, pos_thr, neg_thr, mask, denom)
+    h, labels, pos_thr, neg_thr, mask, reduction, keep_slope = inputs
+    _, denom, bits = output
+    ctx.mark_non_differentiable(denom, bits)
+    ctx.save_for_backward(h, labels, pos_thr, neg_thr, mask, denom, bits)
 
 
-def _backward(ctx, grad_loss, _grad_denom):
-    h, labels, pos_thr, neg_thr, mask, denom = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_denom, _grad_bits):
+    h, labels, pos_thr, neg_thr, mask, denom, bits = ctx.saved_tensors
     need_h, _, need_pos, need_neg = ctx.needs_input_grad[:4]
-    grad_h = tm_loss_backward_op(grad_loss, denom, h, labels, pos_thr, neg_thr, mask) if need_h else None
+    grad_h = None
+    if need_h and bits.numel():
+        grad_h = tm_loss_backward_bits_op(grad_loss, denom, bits, h)
+    elif need_h:
+        grad_h = tm_loss_backward_op(grad_loss, denom, h, labels, pos_thr, neg_thr, mask)
     grad_pos = grad_neg = None
     if need_pos or need_neg:
         grad_pos, grad_neg = _threshold_grads(grad_loss, denom, h, labels, pos_thr, neg_thr, mask)
-    return grad_h, None, grad_pos if need_pos else None, grad_neg if need_neg else None, None, None
+    return grad_h, None, grad_pos if need_pos else None, grad_neg if need_neg else None, None, None, None
 
 
 tm_loss_op.register_autograd(_backward, setup_context=_setup_context)
