@@ -605,12 +605,20 @@ RETAIN_FORCE_INLINE void kl_fwd_grad_rows(const T* __restrict z, const T* __rest
                                           Acc<T>* __restrict scratch, int64_t r0, int64_t r1) {
   using A = Acc<T>;
   const A it = static_cast<A>(inv_t);
-  A* __restrict ea = scratch;
+  // float32 gradients: exp(z/T - m) goes straight into the gradient row, which pass 3 turns into
+  // the gradient in place (the row's read-for-ownership happens during the compute-bound exp
+  // pass, and its write-back whenever the line leaves the cache, instead of a separate streaming
+  // phase after it); other dtypes go through the scratch row and store_row
+  constexpr bool kInPlace = std::is_same_v<T, A>;
   A* __restrict eb = scratch + V;
   const int64_t Vv = kVectorRows<T> ? V / 16 * 16 : 0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict zr = z + r * V;
     const T* __restrict qr = z_ref + r * V;
+    A* __restrict ea = scratch;
+    if constexpr (kInPlace) {
+      if (grad_z) ea = reinterpret_cast<A*>(grad_z + r * V);
+    }
     A m, mr;
     kl_row_max(zr, qr, V, it, m, mr);
     A s = 0, sr = 0, w = 0;
@@ -655,7 +663,7 @@ RETAIN_FORCE_INLINE void kl_fwd_grad_rows(const T* __restrict z, const T* __rest
       // p - p_ref from the kept exps, written over ea (grad_z_ref below needs only eb)
 #pragma omp simd
       for (int64_t v = 0; v < V; ++v) ea[v] = c * (ea[v] * is - eb[v] * isr);
-      store_row(grad_z + r * V, ea, V, stream);
+      if (!kInPlace) store_row(grad_z + r * V, ea, V, stream);
     }
     if (grad_z_ref) {
 #pragma omp simd

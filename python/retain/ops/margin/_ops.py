@@ -289,6 +289,7 @@ def _kl_reduced_setup_context(ctx, inputs, output):
     z, z_ref, mask, inv_t, mean, need_z, need_z_ref = inputs
     _, rows, lse, lse_ref, scale, gz, gq = output
     ctx.mark_non_differentiable(rows, lse, lse_ref, scale, gz, gq)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero [N, V] "gradient" for gz and gq
     ctx.inv_t = inv_t
     ctx.save_for_backward(z, z_ref, rows, lse, lse_ref, mask, scale)
     # not saved tensors: handed out (and scaled in place) by the first eager backward
@@ -297,6 +298,8 @@ def _kl_reduced_setup_context(ctx, inputs, output):
 
 def _kl_reduced_backward(ctx, grad_loss, *_unused):
     need_z, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_loss is None:  # grads not materialised: nothing flowed into the loss
+        return None, None, None, None, None, None, None
     pre = ctx.precomputed
     ctx.precomputed = None
     fresh = pre is not None and (not need_z or pre[0] is not None) and (not need_ref or pre[1] is not None)
