@@ -335,6 +335,22 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
   m.def(
+      "feature_imitation_fwd_grad_cpu",
+      [](int dtype, uintptr_t h, uintptr_t h_ref, uintptr_t mask, int64_t N, int64_t D, int p, double grad_scale,
+         uintptr_t loss, uintptr_t grad_h, uintptr_t grad_h_ref, int nthreads) {
+        retain::check_sizes({N, D}, kFeature);
+        retain::check(p == 1 || p == 2, kFeature, "p must be 1 or 2, got " + std::to_string(p));
+        RETAIN_DISPATCH_FLOATING(dtype, kFeature, [&] {
+          retain::margin::feature_imitation_fwd_grad_cpu(
+              retain::as_ptr<scalar_t>(h, kFeature, "h"), retain::as_ptr<scalar_t>(h_ref, kFeature, "h_ref"),
+              retain::as_ptr<uint8_t>(mask, kFeature, "mask", true), N, D, p, grad_scale,
+              retain::as_mut_ptr<double>(loss, kFeature, "loss"),
+              retain::as_mut_ptr<scalar_t>(grad_h, kFeature, "grad_h", true),
+              retain::as_mut_ptr<scalar_t>(grad_h_ref, kFeature, "grad_h_ref", true), nthreads);
+        });
+      },
+      nogil);
+  m.def(
       "feature_imitation_bwd_cpu",
       [](int dtype, uintptr_t h, uintptr_t h_ref, uintptr_t g, uintptr_t mask, int64_t N, int64_t D, int p,
          uintptr_t grad_h, uintptr_t grad_h_ref, int nthreads) {

@@ -2,10 +2,12 @@
 // per call; per-row results keep the loss independent of the thread count.
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "common/dtype.h"
 #include "common/isa.h"
 #include "common/parallel.h"
+#include "common/stream_store.h"
 #include "margin/feature.h"
 #include "margin/margin.h"
 
@@ -74,6 +76,52 @@ RETAIN_FORCE_INLINE void feature_bwd_rows(const T* __restrict h, const T* __rest
   }
 }
 
+// The forward with the gradient of a reduced loss fused in: per row the distance and
+// grad_h = c * slope (c = grad_scale, 0 on masked rows), grad_ref = -grad_h, from one read of h
+// and h_ref; gradient rows streamed past the caches when `stream`.
+template <typename T, int P>
+RETAIN_FORCE_INLINE void feature_fwd_grad_rows(const T* __restrict h, const T* __restrict h_ref,
+                                               const uint8_t* __restrict mask, int64_t D, double grad_scale,
+                                               double* __restrict loss, T* __restrict grad_h, T* __restrict grad_ref,
+                                               bool stream, int64_t r0, int64_t r1) {
+  using A = Acc<T>;
+  std::vector<A> row(D);
+  for (int64_t r = r0; r < r1; ++r) {
+    const bool off = mask && !mask[r];
+    const T* __restrict hr = h + r * D;
+    const T* __restrict qr = h_ref + r * D;
+    const A c = off ? A(0) : static_cast<A>(grad_scale);
+    A* __restrict g = row.data();
+    double total = 0.0;
+    if (!off) {
+      for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+        const int64_t n = std::min(kBlock, D - d0);
+        A s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < n; ++d) s += feature_element<P>(load_as<A>(hr[d0 + d]) - load_as<A>(qr[d0 + d]));
+        total += static_cast<double>(s);
+      }
+    }
+    loss[r] = total;
+    if (!grad_h && !grad_ref) continue;
+    // the gradient from the rows just read (in cache); explicit zeros on masked rows, which may
+    // hold Inf/NaN padding
+    if (off) {
+      std::fill(g, g + D, A(0));
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) g[d] = c * feature_slope<P>(load_as<A>(hr[d]) - load_as<A>(qr[d]));
+    }
+    if (grad_h) store_row(grad_h + r * D, g, D, stream);
+    if (grad_ref) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) g[d] = -g[d];
+      store_row(grad_ref + r * D, g, D, stream);
+    }
+  }
+  stream_fence(stream);
+}
+
 #define RETAIN_FEATURE_KERNELS(T)                                                                              \
   RETAIN_ISA_CLONES void feature_fwd_rows_isa(const T* h, const T* h_ref, const uint8_t* mask, int64_t D,      \
                                               int p, double* loss, int64_t r0, int64_t r1) {                   \
@@ -90,6 +138,15 @@ RETAIN_FORCE_INLINE void feature_bwd_rows(const T* __restrict h, const T* __rest
       feature_bwd_rows<T, 1>(h, h_ref, g, mask, D, grad_h, grad_ref, r0, r1);                                  \
     } else {                                                                                                   \
       feature_bwd_rows<T, 2>(h, h_ref, g, mask, D, grad_h, grad_ref, r0, r1);                                  \
+    }                                                                                                          \
+  }                                                                                                            \
+  RETAIN_ISA_CLONES void feature_fwd_grad_rows_isa(const T* h, const T* h_ref, const uint8_t* mask, int64_t D, \
+                                                   int p, double grad_scale, double* loss, T* grad_h,         \
+                                                   T* grad_ref, bool stream, int64_t r0, int64_t r1) {        \
+    if (p == 1) {                                                                                              \
+      feature_fwd_grad_rows<T, 1>(h, h_ref, mask, D, grad_scale, loss, grad_h, grad_ref, stream, r0, r1);     \
+    } else {                                                                                                   \
+      feature_fwd_grad_rows<T, 2>(h, h_ref, mask, D, grad_scale, loss, grad_h, grad_ref, stream, r0, r1);     \
     }                                                                                                          \
   }
 RETAIN_FEATURE_KERNELS(float)
@@ -116,7 +173,18 @@ void feature_imitation_bwd_cpu(const T* h, const T* h_ref, const double* g, cons
   });
 }
 
+template <typename T>
+void feature_imitation_fwd_grad_cpu(const T* h, const T* h_ref, const uint8_t* mask, int64_t N, int64_t D, int p,
+                                    double grad_scale, double* loss, T* grad_h, T* grad_h_ref, int nthreads) {
+  const bool stream = N * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0;
+  parallel_for(N, D * 3, nthreads, [&](int64_t r0, int64_t r1) {
+    feature_fwd_grad_rows_isa(h, h_ref, mask, D, p, grad_scale, loss, grad_h, grad_h_ref, stream, r0, r1);
+  });
+}
+
 #define RETAIN_INSTANTIATE(T)                                                                                  \
+  template void feature_imitation_fwd_grad_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, int,     \
+                                                  double, double*, T*, T*, int);                               \
   template void feature_imitation_fwd_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, int, double*, \
                                              int);                                                             \
   template void feature_imitation_bwd_cpu<T>(const T*, const T*, const double*, const uint8_t*, int64_t, int64_t, \

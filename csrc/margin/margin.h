@@ -52,6 +52,12 @@ void kl_imitation_fwd_grad_cpu(const T* z, const T* z_ref, const uint8_t* mask, 
                                double grad_scale, double* loss, double* lse, double* lse_ref, T* grad_z,
                                T* grad_z_ref, int nthreads);
 
+// Feature imitation's forward with the gradient of a reduced loss fused in: the distances, and
+// grad_h = grad_scale * slope (0 on masked rows), grad_h_ref = -grad_h (either may be null).
+template <typename T>
+void feature_imitation_fwd_grad_cpu(const T* h, const T* h_ref, const uint8_t* mask, int64_t N, int64_t D, int p,
+                                    double grad_scale, double* loss, T* grad_h, T* grad_h_ref, int nthreads);
+
 // Feature imitation, one row of D features per token: loss[n] = sum_d |h - h_ref| (p = 1) or
 // sum_d (h - h_ref)^2 (p = 2), 0 where mask is 0.
 template <typename T>

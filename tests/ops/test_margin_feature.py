@@ -140,9 +140,9 @@ def test_feature_imitation_constant_reference_gets_no_gradient(monkeypatch):
 
     monkeypatch.setattr(_ops, "feature_imitation_backward_op", spy)
     h, q, mask = make_states(seed=7, ref_grad=False)
-    check(h, q, mask, 2, "mean")
+    check(h, q, mask, 2, "none")  # 'none': the two-pass path ('mean'/'sum' fuse the gradient into the forward)
     qq = q.detach().requires_grad_()
-    check(h.detach(), qq, mask, 1, "sum")  # and the reverse: only h_ref's gradient
+    check(h.detach(), qq, mask, 1, "none")  # and the reverse: only h_ref's gradient
     assert calls == [(True, False), (False, True)]
     gh, gq = original(torch.ones(12, dtype=F64), h.detach().reshape(12, 37), q.reshape(12, 37), None, 2, True, False)
     assert gh.shape == (12, 37) and gq.numel() == 0
@@ -183,6 +183,39 @@ def test_feature_imitation_float32_long_rows_accumulate_accurately():
     got = feature_imitation(h, q, p=1, reduction="none")
     assert_close(got, h.double().sum(-1).float())
     assert_close(feature_imitation(h, q, p=2, reduction="none"), h.double().square().sum(-1).float())
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_feature_imitation_gradient_fused_into_the_forward(dtype, p, reduction):
+    # loss.backward() (incoming gradient exactly 1, h_ref constant): the forward's gradient is used
+    h, q, mask = make_states((4, 5, 300), dtype=dtype, seed=41, ties=True, ref_grad=False)
+    got = feature_imitation(h, q, p=p, mask=mask, reduction=reduction)
+    got.backward()
+    want = ref.feature_imitation_ref(h, q, p=p, mask=mask, reduction=reduction)
+    assert_close(got, want)
+    assert_close(h.grad, torch.autograd.grad(want, h)[0])
+    assert (h.grad[~mask] == 0).all()
+
+
+def test_feature_imitation_fused_gradient_survives_a_second_backward():
+    h, q, mask = make_states((3, 4, 50), dtype=torch.float32, seed=43)
+    loss = feature_imitation(h, q, p=2, mask=mask)
+    (2 * loss).backward(retain_graph=True)
+    first = (h.grad.clone(), q.grad.clone())
+    loss.backward()
+    want = torch.autograd.grad(ref.feature_imitation_ref(h, q, p=2, mask=mask), (h, q))
+    for g, f, w in zip((h.grad, q.grad), first, want):
+        assert_close(f, 2 * w)
+        assert_close(g, 3 * w)
+
+
+def test_feature_imitation_reduced_opcheck():
+    h, q, mask = make_states((6, 33), dtype=torch.float32, seed=45)
+    m = mask.to(torch.uint8)
+    for args in ((h, q, m, 2, True, True, True), (h, q.detach(), None, 1, False, True, False)):
+        torch.library.opcheck(_ops.feature_imitation_reduced_op, args)
 
 
 def test_feature_imitation_opcheck():

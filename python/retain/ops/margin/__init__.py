@@ -11,8 +11,8 @@ from torch import Tensor
 
 from retain.ops._checks import check_floating, check_tensor, kernel_device
 from retain.ops.margin import reference
-from retain.ops.margin._ops import (REDUCTION_CODES, acc_dtype, feature_imitation_op, kl_imitation_op,
-                                    kl_imitation_reduced_op, tm_loss_op)
+from retain.ops.margin._ops import (REDUCTION_CODES, acc_dtype, feature_imitation_op, feature_imitation_reduced_op,
+                                    kl_imitation_op, kl_imitation_reduced_op, tm_loss_op)
 
 __all__ = ["ActivationStats", "activation_stats", "feature_imitation", "kl_imitation", "pack_tm_labels", "tm_loss",
            "tm_thresholds", "unpack_tm_labels"]
@@ -339,6 +339,13 @@ def feature_imitation(h: Tensor, h_ref: Tensor, *, p: int = 2, mask: Tensor | No
     D = h.shape[-1]
     N = math.prod(lead)
     m = mask.reshape(N).to(torch.bool).to(torch.uint8).contiguous() if mask is not None else None
+    need_h, need_ref = torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and h_ref.requires_grad
+    if reduction != "none" and (need_h or need_ref) and kernel_device("feature_imitation", h) == "cpu" \
+            and not torch.compiler.is_compiling():
+        # eager training on the CPU: the gradient comes out of the forward pass
+        loss = feature_imitation_reduced_op(h.reshape(N, D).contiguous(), h_ref.reshape(N, D).contiguous(), m,
+                                            int(p), reduction == "mean", need_h, need_ref)[0]
+        return loss.to(acc_dtype(h.dtype))
     rows = feature_imitation_op(h.reshape(N, D).contiguous(), h_ref.reshape(N, D).contiguous(), m, int(p))
     acc = acc_dtype(h.dtype)
     if reduction == "none":

@@ -247,6 +247,21 @@ def _kl_backward(ctx, grad_loss, _g_lse, _g_lse_ref):
 kl_imitation_op.register_autograd(_kl_backward, setup_context=_kl_setup_context)
 
 
+def _hand_out(ctx, grad_loss: Tensor | None, need: tuple[bool, ...]) -> list[Tensor | None] | None:
+    """The gradients a fused forward computed (``ctx.precomputed``), handed out once: scaled in
+    place by the incoming gradient unless it is exactly 1. None when they cannot be used — already
+    handed out (a second backward through the graph), traced by torch.compile (fake tensors), or
+    one that is needed is missing — and the caller recomputes with its backward kernel."""
+    pre = ctx.precomputed
+    ctx.precomputed = None
+    if pre is None or type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    if any(n and t is None for n, t in zip(need, pre)):
+        return None
+    g = float(grad_loss)
+    return [t if t is None or g == 1.0 else t.mul_(g) for t in pre]
+
+
 # The reduced loss ('mean' / 'sum') with its gradient computed in the forward pass (CPU): the
 # forward already has every exp the gradient needs, so loss.backward() costs no second pass over
 # the logits. The first backward hands out the precomputed gradient (scaled in place unless the
@@ -258,9 +273,9 @@ kl_imitation_op.register_autograd(_kl_backward, setup_context=_kl_setup_context)
 @torch.library.custom_op("retain::kl_imitation_reduced", mutates_args=())
 def kl_imitation_reduced_op(z: Tensor, z_ref: Tensor, mask: Tensor | None, inv_t: float, mean: bool, need_z: bool,
                             need_z_ref: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, rows, lse, lse_ref, scale, grad_z, grad_z_ref): loss (float64, 0-dim) = scale ·
-    Σ rows, scale = 1 / #counted tokens ('mean', 0 tokens: 1) or 1; grad_z, grad_z_ref the
-    gradients of loss (empty when not wanted)."""
+    """(loss, rows, lse, lse_ref, scale, grad_z, grad_z_ref): loss (float64, 0-dim) = Σ rows /
+    #counted tokens ('mean', at least 1) or Σ rows; scale its derivative by each counted row's
+    loss; grad_z, grad_z_ref the gradients of loss (empty when not wanted)."""
     if kernel_device("kl_imitation", z) != "cpu":
         raise NotImplementedError("retain::kl_imitation_reduced: CPU kernel only (CUDA runs retain::kl_imitation)")
     N, V = z.shape
@@ -275,7 +290,7 @@ def kl_imitation_reduced_op(z: Tensor, z_ref: Tensor, mask: Tensor | None, inv_t
             rows.data_ptr(), lse.data_ptr(), lse_ref.data_ptr(), gz.data_ptr() if need_z else 0,
             gq.data_ptr() if need_z_ref else 0, _native.num_threads())
     scale_t = torch.tensor(scale, dtype=torch.float64)
-    return rows.sum() * scale_t, rows, lse, lse_ref, scale_t, gz, gq
+    return rows.sum() / max(n, 1) if mean else rows.sum(), rows, lse, lse_ref, scale_t, gz, gq
 
 
 @kl_imitation_reduced_op.register_fake
@@ -300,12 +315,8 @@ def _kl_reduced_backward(ctx, grad_loss, *_unused):
     need_z, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_loss is None:  # grads not materialised: nothing flowed into the loss
         return None, None, None, None, None, None, None
-    pre = ctx.precomputed
-    ctx.precomputed = None
-    fresh = pre is not None and (not need_z or pre[0] is not None) and (not need_ref or pre[1] is not None)
-    if fresh and type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling():  # eager, real tensors
-        g = float(grad_loss)
-        out = [t if t is None or g == 1.0 else t.mul_(g) for t in pre]
+    out = _hand_out(ctx, grad_loss, (need_z, need_ref))
+    if out is not None:
         return out[0] if need_z else None, out[1] if need_ref else None, None, None, None, None, None
     z, z_ref, rows, lse, lse_ref, mask, scale = ctx.saved_tensors
     g_rows = (grad_loss.to(torch.float64) * scale).expand(z.shape[0])
@@ -393,3 +404,65 @@ def _feature_backward(ctx, grad_rows):
 
 
 feature_imitation_op.register_autograd(_feature_backward, setup_context=_feature_setup_context)
+
+
+# feature_imitation's reduced loss with its gradient from the forward (CPU), as for the KL above:
+# one read of h and h_ref for forward and backward instead of two.
+
+
+@torch.library.custom_op("retain::feature_imitation_reduced", mutates_args=())
+def feature_imitation_reduced_op(h: Tensor, h_ref: Tensor, mask: Tensor | None, p: int, mean: bool, need_h: bool,
+                                 need_h_ref: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, rows, scale, grad_h, grad_h_ref): loss (float64, 0-dim) = Σ rows / (#counted tokens
+    · D) ('mean', at least 1) or Σ rows; scale its derivative by each counted row; the gradients
+    of loss (empty when not wanted)."""
+    if kernel_device("feature_imitation", h) != "cpu":
+        raise NotImplementedError("retain::feature_imitation_reduced: CPU kernel only")
+    N, D = h.shape
+    rows = torch.empty(N, dtype=torch.float64, device=h.device)
+    n = int(mask.sum()) if mask is not None else N
+    scale = 1.0 / max(n * D, 1) if mean else 1.0
+    gh = _native.empty_like(h) if need_h else h.new_empty(0)
+    gq = _native.empty_like(h_ref) if need_h_ref else h.new_empty(0)
+    if h.numel():
+        _native.lib().feature_imitation_fwd_grad_cpu(
+            _native.DTYPE_CODES[h.dtype], h.data_ptr(), h_ref.data_ptr(), _ptr(mask), N, D, p, scale, rows.data_ptr(),
+            gh.data_ptr() if need_h else 0, gq.data_ptr() if need_h_ref else 0, _native.num_threads())
+    else:
+        rows.zero_()
+        gh.zero_()
+        gq.zero_()
+    scale_t = torch.tensor(scale, dtype=torch.float64)
+    return rows.sum() / max(n * D, 1) if mean else rows.sum(), rows, scale_t, gh, gq
+
+
+@feature_imitation_reduced_op.register_fake
+def _(h, h_ref, mask, p, mean, need_h, need_h_ref):
+    return (h.new_empty((), dtype=torch.float64), h.new_empty(h.shape[0], dtype=torch.float64),
+            h.new_empty((), dtype=torch.float64), torch.empty_like(h) if need_h else h.new_empty(0),
+            torch.empty_like(h_ref) if need_h_ref else h.new_empty(0))
+
+
+def _feature_reduced_setup_context(ctx, inputs, output):
+    h, h_ref, mask, p, mean, need_h, need_h_ref = inputs
+    _, rows, scale, gh, gq = output
+    ctx.mark_non_differentiable(rows, scale, gh, gq)
+    ctx.set_materialize_grads(False)
+    ctx.p = p
+    ctx.save_for_backward(h, h_ref, mask, scale)
+    ctx.precomputed = (gh if need_h else None, gq if need_h_ref else None)
+
+
+def _feature_reduced_backward(ctx, grad_loss, *_unused):
+    need_h, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
+    out = _hand_out(ctx, grad_loss, (need_h, need_ref))
+    if out is None:
+        h, h_ref, mask, scale = ctx.saved_tensors
+        g_rows = (grad_loss.to(torch.float64) * scale).expand(h.shape[0])
+        out = feature_imitation_backward_op(g_rows.contiguous(), h, h_ref, mask, ctx.p, need_h, need_ref)
+    return out[0] if need_h else None, out[1] if need_ref else None, None, None, None, None, None
+
+
+feature_imitation_reduced_op.register_autograd(_feature_reduced_backward, setup_context=_feature_reduced_setup_context)
