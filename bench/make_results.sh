@@ -26,6 +26,7 @@ done
 if [[ $what == all || $what == default ]]; then
   run --op tm_loss --json $R/tm_loss_cpu.json --markdown $R/tm_loss_cpu.md
   run --op kl_imitation --json $R/kl_imitation_cpu.json --markdown $R/kl_imitation_cpu.md
+  run --op feature_imitation --json $R/feature_imitation_cpu.json --markdown $R/feature_imitation_cpu.md
 fi
 if [[ $what == all || $what == cold ]]; then
   run --op linear_recurrence --impl retain,numba,eager,assoc-scan --cold-heap \
