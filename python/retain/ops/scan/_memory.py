@@ -156,7 +156,8 @@ def memory_scan(
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; float32, float64, bfloat16 or float16, one
-            dtype and device for every input. 16-bit inputs are computed in float32.
+            dtype and device for every input. 16-bit inputs are computed in float32. K and V up
+            to 1024 on the CPU; on CUDA K up to 256 (a column of the state lives in registers).
         beta: step size ``[B, T, H]`` or a Python number.
         g: log retention ``[B, T, H]`` (per head) or ``[B, T, H, K]`` (per key row of S), or None.
         eta: momentum ``[B, T, H]`` or a Python number; None: no momentum (no Z state).
