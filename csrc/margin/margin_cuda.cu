@@ -80,26 +80,24 @@ struct Sum {  // feature_imitation: a row's distance
 };
 
 // kl_imitation: running max m and sum s of exp(a - m) over a = z/T, and for b = z_ref/T its max
-// mr, sum sr of exp(b - mr) and w = sum exp(b - mr) (b - a). -inf maxima mark empty partials (a
-// thread with no elements, or only -inf logits), whose sums are 0.
+// mr, sum sr of exp(b - mr) and w = sum exp(b - mr) (b - a). A -inf maximum marks a partial without
+// a finite (or +inf) logit: its sums are 0, or NaN when it saw a NaN logit (NaN never raises the
+// max). Two such partials add their sums (no -inf - (-inf)); otherwise the -inf one is weighted
+// by exp(-inf) = 0, which keeps a NaN sum NaN instead of dropping it.
 template <typename A>
 struct KlPart {
   A m, s, mr, sr, w;
   __device__ static KlPart identity() { return {-INFINITY, A(0), -INFINITY, A(0), A(0)}; }
   __device__ static KlPart combine(const KlPart& x, const KlPart& y) {
     KlPart o;
-    if (y.m == -INFINITY) {
-      o.m = x.m, o.s = x.s;
-    } else if (x.m == -INFINITY) {
-      o.m = y.m, o.s = y.s;
+    if (x.m == -INFINITY && y.m == -INFINITY) {
+      o.m = x.m, o.s = x.s + y.s;
     } else {
       o.m = x.m > y.m ? x.m : y.m;
       o.s = x.s * dev_exp(x.m - o.m) + y.s * dev_exp(y.m - o.m);
     }
-    if (y.mr == -INFINITY) {
-      o.mr = x.mr, o.sr = x.sr, o.w = x.w;
-    } else if (x.mr == -INFINITY) {
-      o.mr = y.mr, o.sr = y.sr, o.w = y.w;
+    if (x.mr == -INFINITY && y.mr == -INFINITY) {
+      o.mr = x.mr, o.sr = x.sr + y.sr, o.w = x.w + y.w;
     } else {
       o.mr = x.mr > y.mr ? x.mr : y.mr;
       const A cx = dev_exp(x.mr - o.mr), cy = dev_exp(y.mr - o.mr);
@@ -268,7 +266,7 @@ __global__ void feature_bwd_kernel(const T* __restrict__ h, const T* __restrict_
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       const A v = on ? gr * feature_slope<P>(load_as<A>(hr[d]) - load_as<A>(qr[d])) : A(0);
       if (grad_h) store_as(grad_h[r * D + d], v);
-      if (grad_ref) store_as(grad_ref[r * D + d], -v);
+      if (grad_ref) store_as(grad_ref[r * D + d], on ? -v : A(0));  // +0 on masked rows, as the CPU
     }
   }
 }
