@@ -364,6 +364,18 @@ def test_kl_imitation_minus_inf_reference_logits(dtype):
     assert torch.isfinite(gq2).all() and (gq2[:, ::3] == 0).all()
 
 
+def test_kl_imitation_fused_gradient_large_rows():
+    # a 16 MiB float32 gradient written in place row by row, masked rows in between, a row count
+    # that does not split evenly over threads
+    z, q, mask = make_logits((513, 8192), dtype=torch.float32, seed=35)
+    q = q.detach()
+    got = kl_imitation(z, q, mask=mask)
+    got.backward()
+    want = ref.kl_imitation_ref(z, q, mask=mask)
+    assert_close(got, want)
+    assert_close(z.grad, torch.autograd.grad(want, z)[0])
+
+
 def test_kl_imitation_fused_gradient_survives_a_second_backward():
     z, q, mask = make_logits((4, 3, 40), dtype=torch.float32, seed=31)
     loss = kl_imitation(z, q, mask=mask)
