@@ -1,6 +1,7 @@
-// Minimal CPU emulation of the CUDA features memory_scan_cuda.cu uses: each block runs its
-// threads as cooperative fibers (ucontext) on one OS thread; __syncthreads and warp shuffles are
-// barriers. Blocks run one after another. Shared memory and nothing else is poisoned with NaN.
+// Minimal CPU emulation of the CUDA features the kernels use (tests/ops/test_*_cuda_emulated.py):
+// each block runs its threads as cooperative fibers (ucontext) on one OS thread; __syncthreads and
+// warp shuffles are barriers. Blocks run one after another, so a kernel's static __shared__
+// arrays may be plain statics. Dynamic shared memory is poisoned (0xff bytes: NaN) per block.
 #pragma once
 #include <ucontext.h>
 #include <cstddef>
@@ -20,7 +21,7 @@
 #define __align__(n)
 #define __restrict__ __restrict
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
-inline emu_dim3 threadIdx, blockIdx, blockDim;
+inline emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 typedef int cudaError_t;
 enum { cudaSuccess = 0 };
 typedef void* cudaStream_t;
@@ -74,7 +75,7 @@ void launch(K k, unsigned grid, unsigned block, size_t smem, cudaStream_t, Args.
       fs[t].ctx.uc_link = &sched;
       makecontext(&fs[t].ctx, entry, 0);
     }
-    blockIdx.x = b; blockDim.x = block;
+    blockIdx.x = b; blockDim.x = block; gridDim.x = grid;
     std::vector<unsigned> order(block);
     for (unsigned t = 0; t < block; ++t) order[t] = t;
     static unsigned rs = 12345;
@@ -101,6 +102,16 @@ template <class T> T __shfl_xor_sync(unsigned mask, T x, int o) {
   memcpy(emu::slots[tid], &x, sizeof(T));
   emu::wait(emu::warp_bars[w]);
   T y; memcpy(&y, emu::slots[w * 32 + (l ^ o)], sizeof(T));
+  emu::wait(emu::warp_bars[w]);
+  return y;
+}
+template <class T> T __shfl_down_sync(unsigned mask, T x, unsigned o) {
+  if (mask != 0xffffffffu) abort();
+  const int tid = threadIdx.x, w = tid / 32, l = tid % 32;
+  memcpy(emu::slots[tid], &x, sizeof(T));
+  emu::wait(emu::warp_bars[w]);
+  T y = x;
+  if (l + static_cast<int>(o) < 32) memcpy(&y, emu::slots[tid + o], sizeof(T));
   emu::wait(emu::warp_bars[w]);
   return y;
 }
