@@ -77,7 +77,14 @@ void linear_recurrence_bwd_cuda(const T* a, const T* h, const T* initial, const 
                                 T* grad_a, T* grad_initial, int64_t B, int64_t Tn, int64_t D, bool reverse,
                                 std::uintptr_t stream) {
   const int64_t lanes = B * D;
-  if (lanes == 0 || Tn == 0) return;
+  if (lanes == 0) return;
+  if (Tn == 0) {  // nothing depends on the initial state: its gradient is 0 (as on the CPU)
+    if (grad_initial) {
+      cuda_check(cudaMemsetAsync(grad_initial, 0, static_cast<size_t>(lanes) * sizeof(T), as_stream(stream)),
+                 "retain::linear_recurrence (CUDA backward)");
+    }
+    return;
+  }
   linear_recurrence_bwd_kernel<T><<<static_cast<unsigned>(ceil_div(lanes, kThreads)), kThreads, 0,
                                     as_stream(stream)>>>(a, h, initial, grad_h, grad_x, grad_a, grad_initial,
                                                          B, Tn, D, reverse);

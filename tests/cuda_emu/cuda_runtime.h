@@ -27,6 +27,7 @@ enum { cudaSuccess = 0 };
 typedef void* cudaStream_t;
 inline const char* cudaGetErrorString(int) { return "emu"; }
 inline int cudaGetLastError() { return 0; }
+inline int cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { memset(p, v, n); return 0; }
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 inline size_t emu_smem_optin = 0;
 template <class F> int cudaFuncSetAttribute(F, cudaFuncAttribute, int b) { emu_smem_optin = b; return 0; }

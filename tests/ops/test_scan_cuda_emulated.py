@@ -1,4 +1,4 @@
-"""memory_scan's CUDA kernel without a GPU: csrc/scan/memory_scan_cuda.cu compiled as C++ against
+"""The scan family's CUDA kernels without a GPU (memory_scan's below; linear_recurrence's at the end): csrc/scan/memory_scan_cuda.cu compiled as C++ against
 the fiber emulation in tests/cuda_emu (each thread of a block a cooperative fiber, __syncthreads
 and warp shuffles barriers, blocks one after another; shared memory and the backward's workspace
 start as NaN; a launch over 48 KiB of shared memory without the opt-in, or with a bad block size,
@@ -47,3 +47,12 @@ def test_emulated_cuda_kernel_all_geometries(harness):
 @pytest.mark.slow
 def test_emulated_cuda_kernel_wide_keys(harness):
     emulate.run(harness, "1")  # K = 256 and 130: 32 rows a thread, > 48 KiB of shared memory in float64
+
+
+LINEAR = emulate.CSRC / "scan" / "scan_cuda.cu"
+
+
+def test_emulated_linear_recurrence_cuda_kernels(tmp_path):
+    exe = emulate.build(LINEAR, emulate.EMU / "linear_recurrence_harness.cpp", [emulate.CSRC / "scan" / "scan_cpu.cpp"],
+                        tmp_path, dynamic=0, static=0, launches=2)
+    emulate.run(exe)

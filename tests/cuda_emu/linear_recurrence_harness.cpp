@@ -1,0 +1,90 @@
+// Checks linear_recurrence's CUDA kernels (csrc/scan/scan_cuda.cu), run on the CPU under the fiber
+// emulation of cuda_runtime.h, against the CPU kernels: h, and grad_x, grad_a, grad_initial, both
+// directions, with and without an initial state; lane counts around the block size. Built and
+// run by tests/ops/test_scan_cuda_emulated.py.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "scan/scan.h"
+
+using namespace retain;
+using namespace retain::scan;
+
+static int fails = 0, checks = 0;
+
+template <class T>
+std::vector<T> nans(size_t n) {
+  std::vector<T> x(n);
+  for (auto& e : x) store_as(e, std::numeric_limits<double>::quiet_NaN());
+  return x;
+}
+
+template <class T>
+void cmp(const std::string& what, const std::vector<T>& a, const std::vector<T>& b, double tol) {
+  ++checks;
+  double m = 0, ref = 1;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = load_as<double>(a[i]), y = load_as<double>(b[i]);
+    if (std::isnan(x) != std::isnan(y)) {
+      ++fails;
+      printf("FAIL %s [%zu]: cpu %g emu %g\n", what.c_str(), i, x, y);
+      return;
+    }
+    m = std::max(m, std::fabs(x - y));
+    ref = std::max(ref, std::fabs(x));
+  }
+  if (m > tol * ref) {
+    ++fails;
+    printf("FAIL %s: max diff %g (scale %g)\n", what.c_str(), m, ref);
+  }
+}
+
+template <class T>
+void run(int64_t B, int64_t Tn, int64_t D, bool reverse, bool initial, double tol, unsigned seed) {
+  std::mt19937 r(seed);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::normal_distribution<double> nd(0, 1);
+  const int64_t n = B * Tn * D;
+  std::vector<T> a(n), x(n), h0(B * D), gh(n);
+  for (auto& e : a) store_as(e, u(r));
+  for (auto& e : x) store_as(e, nd(r));
+  for (auto& e : h0) store_as(e, nd(r));
+  for (auto& e : gh) store_as(e, nd(r));
+  const T* init = initial ? h0.data() : nullptr;
+  const std::string tag = "B" + std::to_string(B) + " T" + std::to_string(Tn) + " D" + std::to_string(D) +
+                          (reverse ? " reverse" : "") + (initial ? " initial" : "") + (sizeof(T) == 8 ? " f64" : " f32");
+  auto hc = nans<T>(n), he = nans<T>(n);
+  linear_recurrence_fwd_cpu<T>(a.data(), x.data(), init, hc.data(), B, Tn, D, reverse, 1);
+  linear_recurrence_fwd_cuda<T>(a.data(), x.data(), init, he.data(), B, Tn, D, reverse, 0);
+  cmp(tag + " h", hc, he, tol);
+  auto gxc = nans<T>(n), gac = nans<T>(n), gic = nans<T>(B * D);
+  auto gxe = nans<T>(n), gae = nans<T>(n), gie = nans<T>(B * D);
+  linear_recurrence_bwd_cpu<T>(a.data(), hc.data(), init, gh.data(), gxc.data(), gac.data(),
+                               initial ? gic.data() : nullptr, B, Tn, D, reverse, 1);
+  linear_recurrence_bwd_cuda<T>(a.data(), hc.data(), init, gh.data(), gxe.data(), gae.data(),
+                                initial ? gie.data() : nullptr, B, Tn, D, reverse, 0);
+  cmp(tag + " grad_x", gxc, gxe, tol);
+  cmp(tag + " grad_a", gac, gae, tol);
+  if (initial) cmp(tag + " grad_initial", gic, gie, tol);
+}
+
+int main() {
+  setvbuf(stdout, nullptr, _IONBF, 0);
+  unsigned seed = 1;
+  for (auto [B, Tn, D] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 1, 1}, {2, 7, 5}, {1, 4, 255}, {3, 3, 256}, {1, 5, 257}, {2, 0, 4}, {1, 9, 600}})
+    for (bool reverse : {false, true})
+      for (bool initial : {false, true}) {
+        run<double>(B, Tn, D, reverse, initial, 1e-12, seed++);
+        run<float>(B, Tn, D, reverse, initial, 1e-6, seed++);
+      }
+  printf("checks %d fails %d\n", checks, fails);
+  return fails != 0;
+}
