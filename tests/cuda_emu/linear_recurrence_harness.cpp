@@ -12,39 +12,14 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "compare.h"
 #include "scan/scan.h"
 
 using namespace retain;
 using namespace retain::scan;
 
-static int fails = 0, checks = 0;
-
-template <class T>
-std::vector<T> nans(size_t n) {
-  std::vector<T> x(n);
-  for (auto& e : x) store_as(e, std::numeric_limits<double>::quiet_NaN());
-  return x;
-}
-
-template <class T>
-void cmp(const std::string& what, const std::vector<T>& a, const std::vector<T>& b, double tol) {
-  ++checks;
-  double m = 0, ref = 1;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double x = load_as<double>(a[i]), y = load_as<double>(b[i]);
-    if (std::isnan(x) != std::isnan(y)) {
-      ++fails;
-      printf("FAIL %s [%zu]: cpu %g emu %g\n", what.c_str(), i, x, y);
-      return;
-    }
-    m = std::max(m, std::fabs(x - y));
-    ref = std::max(ref, std::fabs(x));
-  }
-  if (m > tol * ref) {
-    ++fails;
-    printf("FAIL %s: max diff %g (scale %g)\n", what.c_str(), m, ref);
-  }
-}
+using emu_check::cmp;
+using emu_check::nans;
 
 template <class T>
 void run(int64_t B, int64_t Tn, int64_t D, bool reverse, bool initial, double tol, unsigned seed) {
@@ -85,6 +60,5 @@ int main() {
         run<double>(B, Tn, D, reverse, initial, 1e-12, seed++);
         run<float>(B, Tn, D, reverse, initial, 1e-6, seed++);
       }
-  printf("checks %d fails %d\n", checks, fails);
-  return fails != 0;
+  return emu_check::report();
 }
