@@ -27,6 +27,10 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+CUDA = torch.cuda.is_available() and _native.has_kernel("memory_scan", "cuda")
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a GPU and retain built with CUDA kernels (RETAIN_CUDA=ON)")
+
+
 def make_case(B=2, T=13, H=2, K=5, V=3, *, dtype=F64, gate=None, momentum=False, initial=False, seed=0,
               requires_grad=True, device="cpu"):
     """Inputs of memory_scan in float64, rounded to ``dtype`` and moved to ``device``: keys scaled so
@@ -249,10 +253,11 @@ NAMED = [
 ]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
 @pytest.mark.parametrize("name,op,op_ref", NAMED, ids=[n[0] for n in NAMED])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-def test_named_ops_match_their_references(name, op, op_ref, dtype):
-    case = make_case(B=2, T=11, H=2, K=6, V=4, dtype=dtype, gate="head", momentum=True, seed=29)
+def test_named_ops_match_their_references(name, op, op_ref, dtype, device):
+    case = make_case(B=2, T=11, H=2, K=6, V=4, dtype=dtype, gate="head", momentum=True, seed=29, device=device)
     got, want = op(case), op_ref(case)
     assert_close(got[0], want[0])
     flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
@@ -391,9 +396,6 @@ def test_named_op_errors_name_the_named_op():
 
 # CUDA kernel (memory_scan_cuda.cu) --------------------------------------------------------------
 
-CUDA = torch.cuda.is_available() and _native.has_kernel("memory_scan", "cuda")
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a GPU and retain built with CUDA kernels (RETAIN_CUDA=ON)")
-
 
 def cuda_case(*args, **kwargs):
     return make_case(*args, device="cuda", **kwargs)
@@ -461,24 +463,6 @@ def test_memory_scan_cuda_low_precision(dtype, momentum):
     check_memory_scan(case)
     o, S, _ = memory_scan(case["q"], case["k"], case["v"], case["beta"], output_final_state=True)
     assert o.dtype == dtype and S.dtype == torch.float32 and o.is_cuda
-
-
-@cuda_only
-@pytest.mark.parametrize("name,op,op_ref", NAMED, ids=[n[0] for n in NAMED])
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-def test_named_ops_cuda_match_their_references(name, op, op_ref, dtype):
-    case = cuda_case(B=2, T=11, H=2, K=6, V=4, dtype=dtype, gate="head", momentum=True, seed=29)
-    got, want = op(case), op_ref(case)
-    assert_close(got[0], want[0])
-    flat = lambda s: list(s) if isinstance(s, tuple) else [s]  # noqa: E731
-    for a, b in zip(flat(got[1]), flat(want[1])):
-        assert_close(a, b)
-    inputs = leaves(case)
-    g_got = torch.autograd.grad(scalar_loss(got[0], got[1], None), inputs, allow_unused=True)
-    g_want = torch.autograd.grad(scalar_loss(want[0], want[1], None), inputs, allow_unused=True)
-    for a, b in zip(g_got, g_want):
-        if b is not None:
-            assert_close(a, b)
 
 
 def _run_all(case, **kwargs):
