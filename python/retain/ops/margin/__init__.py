@@ -193,6 +193,42 @@ def tm_thresholds(stats: ActivationStats, k: float = 1.0) -> tuple[Tensor, Tenso
     return (stats.mean + k * std).float(), (stats.mean - k * std).float()
 
 
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _check_like(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` (a reference tensor) must have ``ref``'s shape, dtype and device."""
+    check_tensor(op, name, t)
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ValueError(f"{op}: {name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} must have {ref_name}'s dtype {_dtype_name(ref)}, got {_dtype_name(t)} "
+                        f"(cast it with {name}.to({ref_name}.dtype))")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _check_token_mask(op: str, mask: Tensor | None, ref_name: str, ref: Tensor) -> None:
+    """A per-token mask: ``ref``'s shape without its last dimension, bool or integer 0/1."""
+    if mask is None:
+        return
+    check_tensor(op, "mask", mask)
+    lead = tuple(ref.shape[:-1])
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"{op}: mask must have shape {lead} ({ref_name} without its last dimension), "
+                         f"got {tuple(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{op}: mask must be bool (or integer 0/1), got {_dtype_name(mask)}")
+    if mask.device != ref.device:
+        raise ValueError(f"{op}: mask must be on {ref_name}'s device {ref.device}, got {mask.device}")
+
+
+def _check_reduction(op: str, reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
 def kl_imitation(z: Tensor, z_ref: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None,
                  reduction: str = "mean") -> Tensor:
     r"""Per-token KL(softmax(z_ref / T) ‖ softmax(z / T)) over the vocabulary, fused: no
@@ -224,29 +260,14 @@ def kl_imitation(z: Tensor, z_ref: Tensor, *, temperature: float = 1.0, mask: Te
     op = "retain.ops.kl_imitation"
     check_tensor(op, "z", z, ndim_min=1)
     check_floating(op, "z", z)
-    check_tensor(op, "z_ref", z_ref)
-    if tuple(z_ref.shape) != tuple(z.shape):
-        raise ValueError(f"{op}: z_ref must have z's shape {tuple(z.shape)}, got {tuple(z_ref.shape)}")
-    if z_ref.dtype != z.dtype:
-        raise TypeError(f"{op}: z_ref must have z's dtype {str(z.dtype).replace('torch.', '')}, "
-                        f"got {str(z_ref.dtype).replace('torch.', '')}")
-    if z_ref.device != z.device:
-        raise ValueError(f"{op}: z_ref must be on z's device {z.device}, got {z_ref.device}")
+    _check_like(op, "z_ref", z_ref, "z", z)
     if z.shape[-1] == 0:
         raise ValueError(f"{op}: the vocabulary (last) dimension of z must not be empty")
     if not float(temperature) > 0:
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
     lead = tuple(z.shape[:-1])
-    if mask is not None:
-        check_tensor(op, "mask", mask)
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"{op}: mask must have shape {lead} (z without its last dimension), got {tuple(mask.shape)}")
-        if mask.is_floating_point():
-            raise TypeError(f"{op}: mask must be bool (or integer 0/1), got {str(mask.dtype).replace('torch.', '')}")
-        if mask.device != z.device:
-            raise ValueError(f"{op}: mask must be on z's device {z.device}, got {mask.device}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_token_mask(op, mask, "z", z)
+    _check_reduction(op, reduction)
     if kernel_device("kl_imitation", z) is None:  # RETAIN_FALLBACK=reference
         return reference.kl_imitation_ref(z, z_ref, temperature=temperature, mask=mask, reduction=reduction)
     V = z.shape[-1]
@@ -312,28 +333,12 @@ def feature_imitation(h: Tensor, h_ref: Tensor, *, p: int = 2, mask: Tensor | No
     op = "retain.ops.feature_imitation"
     check_tensor(op, "h", h, ndim_min=1)
     check_floating(op, "h", h)
-    check_tensor(op, "h_ref", h_ref)
-    if tuple(h_ref.shape) != tuple(h.shape):
-        raise ValueError(f"{op}: h_ref must have h's shape {tuple(h.shape)}, got {tuple(h_ref.shape)}")
-    if h_ref.dtype != h.dtype:
-        raise TypeError(f"{op}: h_ref must have h's dtype {str(h.dtype).replace('torch.', '')}, "
-                        f"got {str(h_ref.dtype).replace('torch.', '')} (cast it with h_ref.to(h.dtype))")
-    if h_ref.device != h.device:
-        raise ValueError(f"{op}: h_ref must be on h's device {h.device}, got {h_ref.device}")
+    _check_like(op, "h_ref", h_ref, "h", h)
     if isinstance(p, bool) or p not in (1, 2):
         raise ValueError(f"{op}: p must be 1 or 2, got {p!r}")
     lead = tuple(h.shape[:-1])
-    if mask is not None:
-        check_tensor(op, "mask", mask)
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"{op}: mask must have shape {lead} (h without its last dimension), "
-                             f"got {tuple(mask.shape)}")
-        if mask.is_floating_point() or mask.is_complex():
-            raise TypeError(f"{op}: mask must be bool (or integer 0/1), got {str(mask.dtype).replace('torch.', '')}")
-        if mask.device != h.device:
-            raise ValueError(f"{op}: mask must be on h's device {h.device}, got {mask.device}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_token_mask(op, mask, "h", h)
+    _check_reduction(op, reduction)
     if kernel_device("feature_imitation", h) is None:  # RETAIN_FALLBACK=reference
         return reference.feature_imitation_ref(h, h_ref, p=int(p), mask=mask, reduction=reduction)
     D = h.shape[-1]
