@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "common/cpu_capability.h"
 #include "common/dispatch.h"
 #include "common/errors.h"
 #include "common/parallel.h"
@@ -22,6 +23,13 @@ namespace py = pybind11;
 using std::uintptr_t;
 
 namespace {
+
+// RETAIN_CPU(ns::launcher)(args...) calls the build of a CPU launcher compiled for the active CPU
+// capability (common/cpu_capability.h).
+#define RETAIN_CPU(LAUNCHER)                                                                    \
+  [&](auto&&... args) {                                                                         \
+    ::retain::cpu_dispatch([&](auto cap) { LAUNCHER<decltype(cap)::value>(args...); });         \
+  }
 
 constexpr const char* kLinearRecurrence = "retain::linear_recurrence";
 constexpr const char* kMemoryScan = "retain::memory_scan";
@@ -146,7 +154,7 @@ void memory_scan_fwd_cpu(int dtype, const py::dict& params, int nthreads) {
     const auto P = memory_scan_params<scalar_t>(params);
     retain::check(P.ckpt_every > 0 || !P.ckpt_S, kMemoryScan, "checkpoints need ckpt_every > 0");
     py::gil_scoped_release nogil;
-    retain::scan::memory_scan_fwd_cpu(P, nthreads);
+    RETAIN_CPU(retain::scan::memory_scan_fwd_cpu)(P, nthreads);
   });
 }
 
@@ -156,7 +164,7 @@ void memory_scan_bwd_cpu(int dtype, const py::dict& params, const py::dict& grad
     const auto G = memory_scan_grads<scalar_t>(grads);
     retain::check(P.ckpt_every > 0, kMemoryScan, "the backward needs ckpt_every > 0");
     py::gil_scoped_release nogil;
-    retain::scan::memory_scan_bwd_cpu(P, G, nthreads);
+    RETAIN_CPU(retain::scan::memory_scan_bwd_cpu)(P, G, nthreads);
   });
 }
 
@@ -186,6 +194,21 @@ void tm_loss_dispatch(int dtype, bool packed, uintptr_t h, uintptr_t labels, uin
 PYBIND11_MODULE(_C, m) {
   m.doc() = "retain native core: torch-free CPU (OpenMP) and CUDA kernels on raw pointers";
   m.def("build_info", &build_info, "Build facts: version, compiler, OpenMP, CUDA and its architectures.");
+
+  // CPU capability: which build of the CPU kernels runs (common/cpu_capability.h).
+  m.def("cpu_capability", [] { return std::string(retain::cpu_capability_name(retain::cpu_capability())); },
+        "The CPU capability the kernels run with: 'default', 'avx2' or 'avx512'.");
+  m.def("cpu_capability_supported",
+        [] { return std::string(retain::cpu_capability_name(retain::cpu_capability_supported())); },
+        "The highest CPU capability this CPU supports.");
+  m.def("set_cpu_capability",
+        [](const std::string& name) { retain::set_cpu_capability(retain::parse_cpu_capability(name)); },
+        "Run later kernel calls with the named capability; ValueError when the CPU or the build lacks it.");
+  py::list compiled;
+  for (auto c : {retain::CpuCapability::Default, retain::CpuCapability::Avx2, retain::CpuCapability::Avx512}) {
+    if (retain::cpu_capability_compiled(c)) compiled.append(retain::cpu_capability_name(c));
+  }
+  m.attr("cpu_capabilities_compiled") = compiled;
 
   // Each family lists its kernels per device; Python reads this to report capabilities.
   py::dict kernels;
@@ -218,7 +241,7 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, uintptr_t a, uintptr_t x, uintptr_t initial, uintptr_t h, int64_t B, int64_t T, int64_t D,
          bool reverse, int nthreads) {
         linear_recurrence_fwd(dtype, a, x, initial, h, B, T, D, [&](auto... p) {
-          scan::linear_recurrence_fwd_cpu(p..., B, T, D, reverse, nthreads);
+          RETAIN_CPU(scan::linear_recurrence_fwd_cpu)(p..., B, T, D, reverse, nthreads);
         });
       },
       nogil);
@@ -227,7 +250,7 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, uintptr_t a, uintptr_t h, uintptr_t initial, uintptr_t grad_h, uintptr_t grad_x,
          uintptr_t grad_a, uintptr_t grad_initial, int64_t B, int64_t T, int64_t D, bool reverse, int nthreads) {
         linear_recurrence_bwd(dtype, a, h, initial, grad_h, grad_x, grad_a, grad_initial, B, T, D, [&](auto... p) {
-          scan::linear_recurrence_bwd_cpu(p..., B, T, D, reverse, nthreads);
+          RETAIN_CPU(scan::linear_recurrence_bwd_cpu)(p..., B, T, D, reverse, nthreads);
         });
       },
       nogil);
@@ -240,7 +263,7 @@ PYBIND11_MODULE(_C, m) {
         auto* counts = retain::as_mut_ptr<int64_t>(row_count, kTmLoss, "row_count", B * L == 0);
         auto* bits = retain::as_mut_ptr<uint16_t>(slope_bits, kTmLoss, "slope_bits", true);
         tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D, [&](auto hp, auto lp, auto pp, auto np, auto mp) {
-          retain::margin::tm_loss_fwd_cpu(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums, counts, bits,
+          RETAIN_CPU(retain::margin::tm_loss_fwd_cpu)(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums, counts, bits,
                                           nthreads);
         });
       },
@@ -255,7 +278,7 @@ PYBIND11_MODULE(_C, m) {
           if constexpr (std::is_same_v<scalar_t, double>) {
             retain::check(false, kTmLoss, "slope bits are kept for float32/bfloat16/float16 only");
           } else {
-            retain::margin::tm_loss_bwd_bits_cpu(bits, rows, D, scale,
+            RETAIN_CPU(retain::margin::tm_loss_bwd_bits_cpu)(bits, rows, D, scale,
                                                  retain::as_mut_ptr<scalar_t>(grad, kTmLoss, "grad_h", empty), nthreads);
           }
         });
@@ -269,7 +292,7 @@ PYBIND11_MODULE(_C, m) {
         tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D, [&](auto hp, auto lp, auto pp, auto np, auto mp) {
           using Tp = std::remove_const_t<std::remove_pointer_t<decltype(hp)>>;
           auto* gp = retain::as_mut_ptr<Tp>(grad, kTmLoss, "grad_h", B * L * D == 0);
-          retain::margin::tm_loss_bwd_cpu(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, scale, gp, nthreads);
+          RETAIN_CPU(retain::margin::tm_loss_bwd_cpu)(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, scale, gp, nthreads);
         });
       },
       nogil);
@@ -280,7 +303,7 @@ PYBIND11_MODULE(_C, m) {
         retain::check_sizes({N, V}, kKl);
         retain::check(V > 0, kKl, "the vocabulary must not be empty");
         RETAIN_DISPATCH_FLOATING(dtype, kKl, [&] {
-          retain::margin::kl_imitation_fwd_cpu(
+          RETAIN_CPU(retain::margin::kl_imitation_fwd_cpu)(
               retain::as_ptr<scalar_t>(z, kKl, "z"), retain::as_ptr<scalar_t>(z_ref, kKl, "z_ref"),
               retain::as_ptr<uint8_t>(mask, kKl, "mask", true), N, V, inv_t, retain::as_mut_ptr<double>(loss, kKl, "loss"),
               retain::as_mut_ptr<double>(lse, kKl, "lse"), retain::as_mut_ptr<double>(lse_ref, kKl, "lse_ref"), nthreads);
@@ -295,7 +318,7 @@ PYBIND11_MODULE(_C, m) {
         retain::check_sizes({N, V}, kKl);
         retain::check(V > 0, kKl, "the vocabulary must not be empty");
         RETAIN_DISPATCH_FLOATING(dtype, kKl, [&] {
-          retain::margin::kl_imitation_fwd_grad_cpu(
+          RETAIN_CPU(retain::margin::kl_imitation_fwd_grad_cpu)(
               retain::as_ptr<scalar_t>(z, kKl, "z"), retain::as_ptr<scalar_t>(z_ref, kKl, "z_ref"),
               retain::as_ptr<uint8_t>(mask, kKl, "mask", true), N, V, inv_t, grad_scale,
               retain::as_mut_ptr<double>(loss, kKl, "loss"), retain::as_mut_ptr<double>(lse, kKl, "lse"),
@@ -311,7 +334,7 @@ PYBIND11_MODULE(_C, m) {
          int64_t N, int64_t V, double inv_t, uintptr_t grad_z, uintptr_t grad_z_ref, int nthreads) {
         retain::check_sizes({N, V}, kKl);
         RETAIN_DISPATCH_FLOATING(dtype, kKl, [&] {
-          retain::margin::kl_imitation_bwd_cpu(
+          RETAIN_CPU(retain::margin::kl_imitation_bwd_cpu)(
               retain::as_ptr<scalar_t>(z, kKl, "z"), retain::as_ptr<scalar_t>(z_ref, kKl, "z_ref"),
               retain::as_ptr<double>(g, kKl, "grad"), retain::as_ptr<double>(loss, kKl, "loss"),
               retain::as_ptr<double>(lse, kKl, "lse"), retain::as_ptr<double>(lse_ref, kKl, "lse_ref"), N, V, inv_t,
@@ -327,7 +350,7 @@ PYBIND11_MODULE(_C, m) {
         retain::check_sizes({N, D}, kFeature);
         retain::check(p == 1 || p == 2, kFeature, "p must be 1 or 2, got " + std::to_string(p));
         RETAIN_DISPATCH_FLOATING(dtype, kFeature, [&] {
-          retain::margin::feature_imitation_fwd_cpu(
+          RETAIN_CPU(retain::margin::feature_imitation_fwd_cpu)(
               retain::as_ptr<scalar_t>(h, kFeature, "h"), retain::as_ptr<scalar_t>(h_ref, kFeature, "h_ref"),
               retain::as_ptr<uint8_t>(mask, kFeature, "mask", true), N, D, p,
               retain::as_mut_ptr<double>(loss, kFeature, "loss"), nthreads);
@@ -341,7 +364,7 @@ PYBIND11_MODULE(_C, m) {
         retain::check_sizes({N, D}, kFeature);
         retain::check(p == 1 || p == 2, kFeature, "p must be 1 or 2, got " + std::to_string(p));
         RETAIN_DISPATCH_FLOATING(dtype, kFeature, [&] {
-          retain::margin::feature_imitation_fwd_grad_cpu(
+          RETAIN_CPU(retain::margin::feature_imitation_fwd_grad_cpu)(
               retain::as_ptr<scalar_t>(h, kFeature, "h"), retain::as_ptr<scalar_t>(h_ref, kFeature, "h_ref"),
               retain::as_ptr<uint8_t>(mask, kFeature, "mask", true), N, D, p, grad_scale,
               retain::as_mut_ptr<double>(loss, kFeature, "loss"),
@@ -357,7 +380,7 @@ PYBIND11_MODULE(_C, m) {
         retain::check_sizes({N, D}, kFeature);
         retain::check(p == 1 || p == 2, kFeature, "p must be 1 or 2, got " + std::to_string(p));
         RETAIN_DISPATCH_FLOATING(dtype, kFeature, [&] {
-          retain::margin::feature_imitation_bwd_cpu(
+          RETAIN_CPU(retain::margin::feature_imitation_bwd_cpu)(
               retain::as_ptr<scalar_t>(h, kFeature, "h"), retain::as_ptr<scalar_t>(h_ref, kFeature, "h_ref"),
               retain::as_ptr<double>(g, kFeature, "grad"), retain::as_ptr<uint8_t>(mask, kFeature, "mask", true), N, D,
               p, retain::as_mut_ptr<scalar_t>(grad_h, kFeature, "grad_h", true),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import retain
 
@@ -88,3 +89,33 @@ def test_retain_info_fails_when_native_module_cannot_load():
     proc = run_python(BLOCK_NATIVE + "from retain.__main__ import main\nsys.exit(main(['info']))\n")
     assert proc.returncode == 1
     assert "native module: FAILED to load" in proc.stdout
+
+
+def _default_cuda_archs() -> list[str]:
+    """RETAIN_CUDA_ARCHS's default in pyproject.toml (what a plain `pip install .` compiles)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    return re.search(r'RETAIN_CUDA_ARCHS = \{ env = "RETAIN_CUDA_ARCHS", default = "([^"]+)" \}', text).group(1).split(";")
+
+
+@pytest.mark.skipif(not retain.capabilities()["build"]["cuda"], reason="retain was built without CUDA kernels")
+def test_retain_info_lists_every_compiled_cuda_architecture():
+    compiled = retain.capabilities()["build"]["cuda_archs"].split(",")
+    wanted = os.environ.get("RETAIN_CUDA_ARCHS", ";".join(_default_cuda_archs())).split(";")
+    assert compiled == wanted, "the build's architectures differ from RETAIN_CUDA_ARCHS (or its default)"
+    proc = subprocess.run([sys.executable, "-m", "retain", "info"], capture_output=True, text=True, timeout=120)
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("CUDA kernels:"))
+    assert line.startswith("CUDA kernels: compiled for " + ", ".join(f"sm_{a}" for a in wanted) + " ("), line
+    if not torch.cuda.is_available():  # says why the CUDA smoke test did not run
+        assert "smoke test on cuda: skipped (" in proc.stdout, proc.stdout
+
+
+def test_retain_version_and_info_name_the_cpu():
+    proc = subprocess.run([sys.executable, "-m", "retain", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"retain {retain.__version__}", proc.stdout + proc.stderr
+    info = subprocess.run([sys.executable, "-m", "retain", "info"], capture_output=True, text=True, timeout=120)
+    cpu = retain.capabilities()["cpu"]
+    assert f"CPU: {cpu['model']}, {cpu['cores']} cores" in info.stdout
+    assert f"CPU kernels: capability {retain.cpu_capability()} (this CPU supports up to {cpu['supported']}" in info.stdout

@@ -34,6 +34,8 @@ RETAIN_FORCE_INLINE void store_row(T* __restrict dst, const A* __restrict src, i
       return;
     }
   }
+#else
+  (void)stream;  // no streaming stores off x86: plain ones
 #endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) store_as(dst[i], src[i]);

@@ -1,31 +1,52 @@
-// 64-byte vectors (GCC/Clang vector extensions) for CPU loops the auto-vectoriser leaves scalar
-// or spills: accumulators that must stay in registers, exp in the row loops. Inside a function
-// marked RETAIN_ISA_CLONES a 64-byte vector is one AVX-512 register, two AVX2 or four SSE ones.
+// Vectors of the native register width (GCC/Clang vector extensions) for CPU loops the
+// auto-vectoriser leaves scalar or spills: accumulators that must stay in registers, exp in the
+// row loops. The width is the one of the capability the including kernel translation unit is
+// compiled for (common/cpu_capability.h): 64 bytes with AVX-512, 32 with AVX2, 16 otherwise
+// (SSE2, NEON), so a vector is always one register and never lowered through the stack.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+#include "common/cpu_capability.h"
 #include "common/dtype.h"
 #include "common/host_device.h"
 
+#if !defined(RETAIN_CPU_CAPABILITY)
+#error "common/vec.h is for CPU kernel translation units, compiled once per capability (CMakeLists.txt)"
+#endif
+
 namespace retain {
+// Each capability's vector types are distinct types: the same names in one program must not
+// mean different sizes.
+inline namespace RETAIN_CPU_NAMESPACE {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
 
 template <typename A>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef float unaligned __attribute__((vector_size(64), aligned(4)));
-  typedef int32_t itype __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(kVecBytes)));
+  typedef float unaligned __attribute__((vector_size(kVecBytes), aligned(4)));
+  typedef int32_t itype __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef double unaligned __attribute__((vector_size(64), aligned(8)));
+  typedef double type __attribute__((vector_size(kVecBytes)));
+  typedef double unaligned __attribute__((vector_size(kVecBytes), aligned(8)));
 };
 template <typename A>
-constexpr int64_t kLanes = 64 / sizeof(A);
+constexpr int64_t kLanes = kVecBytes / sizeof(A);
+// Float lanes of one vector: 16, 8 or 4.
+constexpr int kFloatLanes = kVecBytes / 4;
+using VF = Vec<float>::type;
 
 template <typename A>
 RETAIN_FORCE_INLINE typename Vec<A>::type vload(const A* p) {
@@ -53,43 +74,43 @@ RETAIN_FORCE_INLINE A vmax_lanes(typename Vec<A>::type v) {
   return m;
 }
 
-// 16 floats from float, bfloat16 (the high half of a float32) or float16 storage.
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-RETAIN_FORCE_INLINE Vec<float>::type vload_f(const float* p) { return vload(p); }
-RETAIN_FORCE_INLINE Vec<float>::type vload_f(const bf16_t* p) {
-  const u32x16 w = __builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16;
-  return (Vec<float>::type)w;  // a same-size vector cast reinterprets the bits
+// kFloatLanes floats from float, bfloat16 (the high half of a float32) or float16 storage.
+typedef uint16_t u16xF __attribute__((vector_size(kVecBytes / 2), aligned(2)));
+typedef uint32_t u32xF __attribute__((vector_size(kVecBytes)));
+RETAIN_FORCE_INLINE VF vload_f(const float* p) { return vload(p); }
+RETAIN_FORCE_INLINE VF vload_f(const bf16_t* p) {
+  const u32xF w = __builtin_convertvector(*reinterpret_cast<const u16xF*>(p), u32xF) << 16;
+  return (VF)w;  // a same-size vector cast reinterprets the bits
 }
-RETAIN_FORCE_INLINE Vec<float>::type vload_f(const f16_t* p) {
-  Vec<float>::type v;
-  for (int l = 0; l < 16; ++l) v[l] = to_float(p[l]);
+RETAIN_FORCE_INLINE VF vload_f(const f16_t* p) {
+  VF v;
+  for (int l = 0; l < kFloatLanes; ++l) v[l] = to_float(p[l]);
   return v;
 }
-// 16 int8 as floats. Through int16: GCC 12 turns a direct int8 -> int32 vector conversion into
-// sixteen scalar sign-extensions, but int8 -> int16 -> int32 into vpmovsx instructions.
-typedef int8_t i8x16 __attribute__((vector_size(16), aligned(1)));
-typedef int16_t i16x16 __attribute__((vector_size(32)));
-RETAIN_FORCE_INLINE Vec<float>::type vload_f(const int8_t* p) {
-  const i16x16 w = __builtin_convertvector(*reinterpret_cast<const i8x16*>(p), i16x16);
-  return __builtin_convertvector(__builtin_convertvector(w, Vec<float>::itype), Vec<float>::type);
+// kFloatLanes int8 as floats. Through int16: GCC 12 turns a direct int8 -> int32 vector
+// conversion into scalar sign-extensions, but int8 -> int16 -> int32 into vpmovsx instructions.
+typedef int8_t i8xF __attribute__((vector_size(kVecBytes / 4), aligned(1)));
+typedef int16_t i16xF __attribute__((vector_size(kVecBytes / 2)));
+RETAIN_FORCE_INLINE VF vload_f(const int8_t* p) {
+  const i16xF w = __builtin_convertvector(*reinterpret_cast<const i8xF*>(p), i16xF);
+  return __builtin_convertvector(__builtin_convertvector(w, Vec<float>::itype), VF);
 }
-RETAIN_FORCE_INLINE void vstore_f(float* p, Vec<float>::type v) { vstore(p, v); }
-RETAIN_FORCE_INLINE void vstore_f(bf16_t* p, Vec<float>::type v) {
-  for (int l = 0; l < 16; ++l) p[l] = from_float_bf16(v[l]);
+RETAIN_FORCE_INLINE void vstore_f(float* p, VF v) { vstore(p, v); }
+RETAIN_FORCE_INLINE void vstore_f(bf16_t* p, VF v) {
+  for (int l = 0; l < kFloatLanes; ++l) p[l] = from_float_bf16(v[l]);
 }
-RETAIN_FORCE_INLINE void vstore_f(f16_t* p, Vec<float>::type v) {
-  for (int l = 0; l < 16; ++l) p[l] = from_float_f16(v[l]);
+RETAIN_FORCE_INLINE void vstore_f(f16_t* p, VF v) {
+  for (int l = 0; l < kFloatLanes; ++l) p[l] = from_float_f16(v[l]);
 }
 
-// exp of 16 floats: the vector form of margin::exp_vec<float> (same range reduction and
+// exp of a vector of floats: the vector form of margin::exp_vec<float> (same range reduction and
 // polynomial, so both agree to the bit): x = n ln2 + r, e^r by a degree-6 polynomial, 2^n through
 // the exponent bits; inputs clamped to [-87, 88]. n = round(x log2 e) by the 1.5 * 2^23 trick
 // (exact for |x log2 e| < 2^22), which the vector extensions can express without a floor.
 // NonPositive: x - max or a log-probability (<= 0 up to rounding, far below 88), so the upper
 // clamp goes.
 template <bool NonPositive = false>
-RETAIN_FORCE_INLINE Vec<float>::type vexp(Vec<float>::type x) {
+RETAIN_FORCE_INLINE VF vexp(VF x) {
   using V = Vec<float>::type;
   using I = Vec<float>::itype;
   x = x < -87.0f ? vsplat(-87.0f) : x;
@@ -108,4 +129,5 @@ RETAIN_FORCE_INLINE Vec<float>::type vexp(Vec<float>::type x) {
   return p * (V)e;
 }
 
+}  // inline namespace RETAIN_CPU_NAMESPACE
 }  // namespace retain

@@ -2,10 +2,10 @@
 // per call; per-row results keep the loss independent of the thread count.
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "common/dtype.h"
-#include "common/isa.h"
+#include "common/buffer.h"
+#include "common/cpu_capability.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "margin/feature.h"
@@ -85,7 +85,7 @@ RETAIN_FORCE_INLINE void feature_fwd_grad_rows(const T* __restrict h, const T* _
                                                double* __restrict loss, T* __restrict grad_h, T* __restrict grad_ref,
                                                bool stream, int64_t r0, int64_t r1) {
   using A = Acc<T>;
-  std::vector<A> row(D);
+  Buffer<A> row(D);
   for (int64_t r = r0; r < r1; ++r) {
     const bool off = mask && !mask[r];
     const T* __restrict hr = h + r * D;
@@ -122,72 +122,42 @@ RETAIN_FORCE_INLINE void feature_fwd_grad_rows(const T* __restrict h, const T* _
   stream_fence(stream);
 }
 
-#define RETAIN_FEATURE_KERNELS(T)                                                                              \
-  RETAIN_ISA_CLONES void feature_fwd_rows_isa(const T* h, const T* h_ref, const uint8_t* mask, int64_t D,      \
-                                              int p, double* loss, int64_t r0, int64_t r1) {                   \
-    if (p == 1) {                                                                                              \
-      feature_fwd_rows<T, 1>(h, h_ref, mask, D, loss, r0, r1);                                                 \
-    } else {                                                                                                   \
-      feature_fwd_rows<T, 2>(h, h_ref, mask, D, loss, r0, r1);                                                 \
-    }                                                                                                          \
-  }                                                                                                            \
-  RETAIN_ISA_CLONES void feature_bwd_rows_isa(const T* h, const T* h_ref, const double* g, const uint8_t* mask, \
-                                              int64_t D, int p, T* grad_h, T* grad_ref, int64_t r0,            \
-                                              int64_t r1) {                                                    \
-    if (p == 1) {                                                                                              \
-      feature_bwd_rows<T, 1>(h, h_ref, g, mask, D, grad_h, grad_ref, r0, r1);                                  \
-    } else {                                                                                                   \
-      feature_bwd_rows<T, 2>(h, h_ref, g, mask, D, grad_h, grad_ref, r0, r1);                                  \
-    }                                                                                                          \
-  }                                                                                                            \
-  RETAIN_ISA_CLONES void feature_fwd_grad_rows_isa(const T* h, const T* h_ref, const uint8_t* mask, int64_t D, \
-                                                   int p, double grad_scale, double* loss, T* grad_h,         \
-                                                   T* grad_ref, bool stream, int64_t r0, int64_t r1) {        \
-    if (p == 1) {                                                                                              \
-      feature_fwd_grad_rows<T, 1>(h, h_ref, mask, D, grad_scale, loss, grad_h, grad_ref, stream, r0, r1);     \
-    } else {                                                                                                   \
-      feature_fwd_grad_rows<T, 2>(h, h_ref, mask, D, grad_scale, loss, grad_h, grad_ref, stream, r0, r1);     \
-    }                                                                                                          \
-  }
-RETAIN_FEATURE_KERNELS(float)
-RETAIN_FEATURE_KERNELS(double)
-RETAIN_FEATURE_KERNELS(bf16_t)
-RETAIN_FEATURE_KERNELS(f16_t)
-#undef RETAIN_FEATURE_KERNELS
-
 }  // namespace
 
-template <typename T>
+template <CpuCapability C, typename T>
 void feature_imitation_fwd_cpu(const T* h, const T* h_ref, const uint8_t* mask, int64_t N, int64_t D, int p,
                                double* loss, int nthreads) {
   parallel_for(N, D * 2, nthreads, [&](int64_t r0, int64_t r1) {
-    feature_fwd_rows_isa(h, h_ref, mask, D, p, loss, r0, r1);
+    if (p == 1) feature_fwd_rows<T, 1>(h, h_ref, mask, D, loss, r0, r1);
+    else feature_fwd_rows<T, 2>(h, h_ref, mask, D, loss, r0, r1);
   });
 }
 
-template <typename T>
+template <CpuCapability C, typename T>
 void feature_imitation_bwd_cpu(const T* h, const T* h_ref, const double* g, const uint8_t* mask, int64_t N,
                                int64_t D, int p, T* grad_h, T* grad_h_ref, int nthreads) {
   parallel_for(N, D * 3, nthreads, [&](int64_t r0, int64_t r1) {
-    feature_bwd_rows_isa(h, h_ref, g, mask, D, p, grad_h, grad_h_ref, r0, r1);
+    if (p == 1) feature_bwd_rows<T, 1>(h, h_ref, g, mask, D, grad_h, grad_h_ref, r0, r1);
+    else feature_bwd_rows<T, 2>(h, h_ref, g, mask, D, grad_h, grad_h_ref, r0, r1);
   });
 }
 
-template <typename T>
+template <CpuCapability C, typename T>
 void feature_imitation_fwd_grad_cpu(const T* h, const T* h_ref, const uint8_t* mask, int64_t N, int64_t D, int p,
                                     double grad_scale, double* loss, T* grad_h, T* grad_h_ref, int nthreads) {
   const bool stream = N * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0;
   parallel_for(N, D * 3, nthreads, [&](int64_t r0, int64_t r1) {
-    feature_fwd_grad_rows_isa(h, h_ref, mask, D, p, grad_scale, loss, grad_h, grad_h_ref, stream, r0, r1);
+    if (p == 1) feature_fwd_grad_rows<T, 1>(h, h_ref, mask, D, grad_scale, loss, grad_h, grad_h_ref, stream, r0, r1);
+    else feature_fwd_grad_rows<T, 2>(h, h_ref, mask, D, grad_scale, loss, grad_h, grad_h_ref, stream, r0, r1);
   });
 }
 
 #define RETAIN_INSTANTIATE(T)                                                                                  \
-  template void feature_imitation_fwd_grad_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, int,     \
+  template void feature_imitation_fwd_grad_cpu<kThisCpu, T>(const T*, const T*, const uint8_t*, int64_t, int64_t, int,     \
                                                   double, double*, T*, T*, int);                               \
-  template void feature_imitation_fwd_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, int, double*, \
+  template void feature_imitation_fwd_cpu<kThisCpu, T>(const T*, const T*, const uint8_t*, int64_t, int64_t, int, double*, \
                                              int);                                                             \
-  template void feature_imitation_bwd_cpu<T>(const T*, const T*, const double*, const uint8_t*, int64_t, int64_t, \
+  template void feature_imitation_bwd_cpu<kThisCpu, T>(const T*, const T*, const double*, const uint8_t*, int64_t, int64_t, \
                                              int, T*, T*, int);
 RETAIN_INSTANTIATE(float)
 RETAIN_INSTANTIATE(double)

@@ -5,15 +5,17 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The TM rows in AVX-512 intrinsics: the avx512 build of this file only (x86-64-v4 has F, BW
+// and BMI2).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__BMI2__)
 #define RETAIN_TM_AVX512 1
 #include <immintrin.h>
 #endif
 
 #include "common/dtype.h"
-#include "common/isa.h"
+#include "common/buffer.h"
+#include "common/cpu_capability.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "common/vec.h"
@@ -27,9 +29,11 @@ namespace {
 // Packed labels are decoded a row at a time into int8 through a 256-entry table: one byte of four
 // 2-bit codes becomes four int8 labels in one 32-bit store, and the loss loops stay the
 // vectorised int8 ones.
+// Built at compile time: a kernel build must run no code at load time, when the CPU may lack
+// its instructions (cmake/check_cpu_symbols.py).
 struct UnpackTable {
-  uint32_t word[256];
-  UnpackTable() {
+  uint32_t word[256] = {};
+  constexpr UnpackTable() {
     for (int b = 0; b < 256; ++b) {
       uint32_t w = 0;
       for (int i = 0; i < 4; ++i) {
@@ -41,7 +45,7 @@ struct UnpackTable {
     }
   }
 };
-const UnpackTable kUnpack;
+constexpr UnpackTable kUnpack{};
 
 // Row r's labels as int8: the row itself, or the packed row decoded into `scratch` (>= D + 3 bytes).
 RETAIN_FORCE_INLINE const int8_t* row_labels(const int8_t* labels, int64_t label_row, int64_t r, int64_t, int8_t*) {
@@ -54,7 +58,7 @@ RETAIN_FORCE_INLINE const int8_t* row_labels(const uint8_t* labels, int64_t labe
   return scratch;
 }
 
-// Both loops in explicit 16-float vectors for float/bfloat16/float16 (the auto-vectorised form
+// Both loops in explicit native-width float vectors for float/bfloat16/float16 (the auto-vectorised form
 // spent ~2 cycles an element on label conversion and selects); double and the tail stay scalar.
 // Per element, with the label's interval [lo, hi] (+1: [pos, inf), -1: (-inf, neg], 0: [neg, pos]):
 // loss = max(0, lo - h) + max(0, h - hi) and slope = [h > hi] - [h < lo], term for term the same
@@ -63,9 +67,8 @@ template <typename T>
 constexpr bool kVectorTm = !std::is_same_v<T, double>;
 
 struct TmInterval {
-  Vec<float>::type lo, hi;
+  VF lo, hi;
   RETAIN_FORCE_INLINE TmInterval(const int8_t* lab, const float* p, const float* n) {
-    using VF = Vec<float>::type;
     const VF l = vload_f(lab);
     const VF P = vload(p), N = vload(n);
     lo = l > 0.0f ? P : (l < 0.0f ? vsplat(-INFINITY) : N);
@@ -74,13 +77,11 @@ struct TmInterval {
 };
 
 #ifdef RETAIN_TM_AVX512
-// AVX-512 (F + BW) rows, taken at run time where the CPU has them: one byte compare per 64
+// AVX-512 (F + BW) rows, in the avx512 build: one byte compare per 64
 // labels gives the label masks (no int8 -> float conversion), masked moves build [lo, hi], and
 // max / masked adds replace compare-and-select pairs: about half the instructions of the
 // portable vector loop, which left the TM loss core-bound. Same operations per element as
 // tm_element / tm_slope (max(a, 0) is a > 0 ? a : 0, NaN included).
-const bool kTmAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("bmi2");
 
 // GCC 12 reports the deliberately undefined register inside its own _mm512_undefined_ps
 // (used by the intrinsics below) as uninitialised: a false positive in the system header.
@@ -88,7 +89,7 @@ const bool kTmAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_suppor
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define RETAIN_AVX512 __attribute__((target("avx512f,avx512bw,bmi2"), always_inline)) inline
+#define RETAIN_AVX512 RETAIN_FORCE_INLINE
 RETAIN_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 RETAIN_AVX512 __m512 load16(const bf16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -139,7 +140,7 @@ RETAIN_AVX512 void interval16(__mmask64 kp, __mmask64 kn, int j, const float* P,
 
 // Loss sum and violation count of the first D / 64 * 64 elements of a row; returns that count.
 template <typename T, typename Lab>
-__attribute__((target("avx512f,avx512bw,bmi2"))) int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
+int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
                                                                      const float* P,
                                                                      const float* N, int64_t D, float& sum,
                                                                      float& count, uint16_t* bits) {
@@ -174,7 +175,7 @@ __attribute__((target("avx512f,avx512bw,bmi2"))) int64_t tm_fwd_row_avx512(const
 // scale * slope of the first D / 64 * 64 elements into the float row g (streamed past the caches
 // when `stream`, g then 64-byte aligned); returns that count.
 template <typename T, typename Lab>
-__attribute__((target("avx512f,avx512bw,bmi2"))) int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
+int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
                                                                      const float* P,
                                                                      const float* N, int64_t D, float scale,
                                                                      float* g, bool stream) {
@@ -198,7 +199,7 @@ __attribute__((target("avx512f,avx512bw,bmi2"))) int64_t tm_bwd_row_avx512(const
   return D64;
 }
 // grad = scale * slope of the first D / 16 * 16 elements from the slope bits; returns that count.
-__attribute__((target("avx512f,avx512bw,bmi2"))) int64_t tm_bits_row_avx512(const uint16_t* bits, int64_t D, float scale,
+int64_t tm_bits_row_avx512(const uint16_t* bits, int64_t D, float scale,
                                                                       float* g, bool stream) {
   const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
   const int64_t D16 = D / 16 * 16;
@@ -219,8 +220,8 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
                                   const uint8_t* __restrict mask, int64_t L, int64_t D, double* __restrict row_sum,
                                   int64_t* __restrict row_count, uint16_t* __restrict slope_bits, int64_t r0,
                                   int64_t r1) {
-  std::vector<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
-  const int64_t Dv = kVectorTm<T> ? D / 16 * 16 : 0;
+  Buffer<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
+  const int64_t Dv = kVectorTm<T> ? D / kFloatLanes * kFloatLanes : 0;
   const int64_t W = tm_slope_words(D);
   for (int64_t r = r0; r < r1; ++r) {
     uint16_t* __restrict bits = slope_bits ? slope_bits + r * W : nullptr;
@@ -237,15 +238,14 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
     int64_t d0 = 0;  // elements done by the AVX-512 loop (which reads packed rows as they are)
 #ifdef RETAIN_TM_AVX512
     if constexpr (kVectorTm<T>) {
-      if (kTmAvx512) d0 = tm_fwd_row_avx512(hr, labels + r * label_row, label_row, p, n, D, sum, count, bits);
+      d0 = tm_fwd_row_avx512(hr, labels + r * label_row, label_row, p, n, D, sum, count, bits);
     }
 #endif
     const int8_t* __restrict lr = d0 < D ? row_labels(labels, label_row, r, D, scratch.data()) : nullptr;
     if constexpr (kVectorTm<T>) {
-      using VF = Vec<float>::type;
       VF vs{}, vc{};
       const VF zero{}, one = vsplat(1.0f);
-      for (int64_t d = d0; d < Dv; d += 16) {
+      for (int64_t d = d0; d < Dv; d += kFloatLanes) {
         const TmInterval iv(lr + d, p + d, n + d);
         const VF x = vload_f(hr + d);
         const VF below = iv.lo - x, above = x - iv.hi;
@@ -253,14 +253,15 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
         vs += e;
         vc += e > 0.0f ? one : zero;
         if (bits) {
-          const auto above = x > iv.hi, below = x < iv.lo;  // lanes of -1 / 0
+          // lanes of -1 / 0 into bits d % 16 .. of the block's two words (zeroed above)
+          const auto above = x > iv.hi, below = x < iv.lo;
           uint16_t a = 0, bl = 0;
-          for (int l = 0; l < 16; ++l) {
+          for (int l = 0; l < kFloatLanes; ++l) {
             a |= static_cast<uint16_t>((above[l] & 1) << l);
             bl |= static_cast<uint16_t>((below[l] & 1) << l);
           }
-          bits[d / 8] = a;
-          bits[d / 8 + 1] = bl;
+          bits[2 * (d / 16)] |= static_cast<uint16_t>(a << (d % 16));
+          bits[2 * (d / 16) + 1] |= static_cast<uint16_t>(bl << (d % 16));
         }
       }
       sum += vsum<float>(vs);
@@ -287,12 +288,12 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
                                   const A* __restrict pos, const A* __restrict neg, bool per_sample,
                                   const uint8_t* __restrict mask, int64_t L, int64_t D, A scale,
                                   T* __restrict grad, bool stream, int64_t r0, int64_t r1) {
-  std::vector<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
-  std::vector<A> row(D);  // the gradient row, then stored (streamed past the caches when `stream`)
-  const int64_t Dv = kVectorTm<T> ? D / 16 * 16 : 0;
+  Buffer<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
+  Buffer<A> row(D);  // the gradient row, then stored (streamed past the caches when `stream`)
+  const int64_t Dv = kVectorTm<T> ? D / kFloatLanes * kFloatLanes : 0;
   for (int64_t r = r0; r < r1; ++r) {
     if (mask && !mask[r]) {
-      std::fill(row.begin(), row.end(), A(0));
+      row.fill(A(0));
       store_row(grad + r * D, row.data(), D, stream);
       continue;
     }
@@ -304,7 +305,7 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
     int64_t d0 = 0;  // elements done by the AVX-512 loop (which reads packed rows as they are)
 #ifdef RETAIN_TM_AVX512
     if constexpr (kVectorTm<T>) {
-      if (kTmAvx512) {
+      {
         // float gradients go straight to the output (streamed); 16-bit ones through the row
         // buffer and store_row's rounding conversion
         const Lab* raw = labels + r * label_row;
@@ -318,9 +319,8 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
 #endif
     const int8_t* __restrict lr = d0 < D ? row_labels(labels, label_row, r, D, scratch.data()) : nullptr;
     if constexpr (kVectorTm<T>) {
-      using VF = Vec<float>::type;
       const VF zero{}, plus = vsplat(static_cast<float>(scale)), minus = -plus;
-      for (int64_t d = d0; d < Dv; d += 16) {
+      for (int64_t d = d0; d < Dv; d += kFloatLanes) {
         const TmInterval iv(lr + d, p + d, n + d);
         const VF x = vload_f(hr + d);
         vstore(g + d, (x > iv.hi ? plus : zero) + (x < iv.lo ? minus : zero));
@@ -340,14 +340,14 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
 template <typename T>
 RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_t D, float scale, T* __restrict grad,
                                    bool stream, int64_t r0, int64_t r1) {
-  std::vector<float> row(D);
+  Buffer<float> row(D);
   const int64_t W = tm_slope_words(D);
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* __restrict bits = slope_bits + r * W;
     float* __restrict g = row.data();
     int64_t d0 = 0;  // elements done by the AVX-512 loop (float: written to the output itself)
 #ifdef RETAIN_TM_AVX512
-    if (kTmAvx512) {
+    {
       if constexpr (std::is_same_v<T, float>) {
         d0 = tm_bits_row_avx512(bits, D, scale, grad + r * D, stream);
       } else {
@@ -369,80 +369,48 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
   stream_fence(stream);
 }
 
-#define RETAIN_ROW_KERNELS(T, Lab)                                                                              \
-  RETAIN_ISA_CLONES void fwd_rows_isa(const T* h, const Lab* labels, int64_t label_row, const Acc<T>* pos,       \
-                                      const Acc<T>* neg, bool per_sample, const uint8_t* mask, int64_t L,        \
-                                      int64_t D, double* row_sum, int64_t* row_count, uint16_t* slope_bits,      \
-                                      int64_t r0, int64_t r1) {                                                  \
-    fwd_rows<T, Lab, Acc<T>>(h, labels, label_row, pos, neg, per_sample, mask, L, D, row_sum, row_count,         \
-                             slope_bits, r0, r1);                                                                \
-  }                                                                                                             \
-  RETAIN_ISA_CLONES void bwd_rows_isa(const T* h, const Lab* labels, int64_t label_row, const Acc<T>* pos,       \
-                                      const Acc<T>* neg, bool per_sample, const uint8_t* mask, int64_t L,        \
-                                      int64_t D, Acc<T> scale, T* grad, bool stream, int64_t r0, int64_t r1) {   \
-    bwd_rows<T, Lab, Acc<T>>(h, labels, label_row, pos, neg, per_sample, mask, L, D, scale, grad, stream, r0, r1); \
-  }
-#define RETAIN_BITS_KERNELS(T)                                                                                  \
-  RETAIN_ISA_CLONES void bits_rows_isa(const uint16_t* slope_bits, int64_t D, float scale, T* grad, bool stream,  \
-                                       int64_t r0, int64_t r1) {                                                \
-    bits_rows<T>(slope_bits, D, scale, grad, stream, r0, r1);                                                   \
-  }
-RETAIN_BITS_KERNELS(float)
-RETAIN_BITS_KERNELS(bf16_t)
-RETAIN_BITS_KERNELS(f16_t)
-#undef RETAIN_BITS_KERNELS
-RETAIN_ROW_KERNELS(float, int8_t)
-RETAIN_ROW_KERNELS(float, uint8_t)
-RETAIN_ROW_KERNELS(double, int8_t)
-RETAIN_ROW_KERNELS(double, uint8_t)
-RETAIN_ROW_KERNELS(bf16_t, int8_t)
-RETAIN_ROW_KERNELS(bf16_t, uint8_t)
-RETAIN_ROW_KERNELS(f16_t, int8_t)
-RETAIN_ROW_KERNELS(f16_t, uint8_t)
-#undef RETAIN_ROW_KERNELS
-
 }  // namespace
 
-template <typename T, typename Lab, typename A>
+template <CpuCapability C, typename T, typename Lab, typename A>
 void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
                      double* row_sum, int64_t* row_count, uint16_t* slope_bits, int nthreads) {
   parallel_for(B * L, D * 4, nthreads, [&](int64_t r0, int64_t r1) {
-    fwd_rows_isa(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, row_sum, row_count, slope_bits,
+    fwd_rows<T, Lab, A>(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, row_sum, row_count, slope_bits,
                  r0, r1);
   });
 }
 
-template <typename T, typename Lab, typename A>
+template <CpuCapability C, typename T, typename Lab, typename A>
 void tm_loss_bwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D, double scale,
                      T* grad_h, int nthreads) {
   // stream the gradient when it is far larger than the caches and rows start 64-byte aligned
   const bool stream = B * L * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0;
   parallel_for(B * L, D * 4, nthreads, [&](int64_t r0, int64_t r1) {
-    bwd_rows_isa(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, static_cast<A>(scale), grad_h,
+    bwd_rows<T, Lab, A>(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, static_cast<A>(scale), grad_h,
                  stream, r0, r1);
   });
 }
 
 // double has no bits path: Python keeps its slope bits empty and runs the two-pass backward.
-template <typename T>
+template <CpuCapability C, typename T>
 void tm_loss_bwd_bits_cpu(const uint16_t* slope_bits, int64_t rows, int64_t D, double scale, T* grad_h,
                           int nthreads) {
   const bool stream = rows * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0;
   parallel_for(rows, D, nthreads, [&](int64_t r0, int64_t r1) {
-    bits_rows_isa(slope_bits, D, static_cast<float>(scale), grad_h, stream, r0, r1);
+    bits_rows<T>(slope_bits, D, static_cast<float>(scale), grad_h, stream, r0, r1);
   });
 }
-template void tm_loss_bwd_bits_cpu<float>(const uint16_t*, int64_t, int64_t, double, float*, int);
-template void tm_loss_bwd_bits_cpu<bf16_t>(const uint16_t*, int64_t, int64_t, double, bf16_t*, int);
-template void tm_loss_bwd_bits_cpu<f16_t>(const uint16_t*, int64_t, int64_t, double, f16_t*, int);
+template void tm_loss_bwd_bits_cpu<kThisCpu, float>(const uint16_t*, int64_t, int64_t, double, float*, int);
+template void tm_loss_bwd_bits_cpu<kThisCpu, bf16_t>(const uint16_t*, int64_t, int64_t, double, bf16_t*, int);
+template void tm_loss_bwd_bits_cpu<kThisCpu, f16_t>(const uint16_t*, int64_t, int64_t, double, f16_t*, int);
 
 #define RETAIN_INSTANTIATE(T, Lab)                                                                            \
-  template void tm_loss_fwd_cpu<T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
+  template void tm_loss_fwd_cpu<kThisCpu, T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
                                                 bool, const uint8_t*, int64_t, int64_t, int64_t, double*,       \
                                                 int64_t*, uint16_t*, int);                                     \
-  template void tm_loss_bwd_cpu<T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
+  template void tm_loss_bwd_cpu<kThisCpu, T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
                                                 bool, const uint8_t*, int64_t, int64_t, int64_t, double, T*, int);
 RETAIN_INSTANTIATE(float, int8_t)
 RETAIN_INSTANTIATE(float, uint8_t)
@@ -459,8 +427,9 @@ RETAIN_INSTANTIATE(f16_t, uint8_t)
 namespace retain::margin {
 namespace {
 
-// Rows of the KL loss. float/bfloat16/float16 rows run in explicit 16-float vectors (the
-// auto-vectoriser left the exp loops scalar); a scalar tail handles V % 16. double stays scalar.
+// Rows of the KL loss. float/bfloat16/float16 rows run in explicit native-width float vectors
+// (the auto-vectoriser left the exp loops scalar); a scalar tail handles the rest. double stays
+// scalar.
 template <typename T>
 constexpr bool kVectorRows = !std::is_same_v<T, double>;
 
@@ -471,10 +440,9 @@ RETAIN_FORCE_INLINE void kl_row_max(const T* __restrict zr, const T* __restrict 
   mr = -INFINITY;
   int64_t Vv = 0;
   if constexpr (kVectorRows<T>) {
-    using VF = Vec<float>::type;
-    Vv = V / 16 * 16;
+    Vv = V / kFloatLanes * kFloatLanes;
     VF vm = vsplat(-INFINITY), vmr = vm;
-    for (int64_t v = 0; v < Vv; v += 16) {
+    for (int64_t v = 0; v < Vv; v += kFloatLanes) {
       const VF a = vload_f(zr + v), b = vload_f(qr + v);
       vm = a > vm ? a : vm;
       vmr = b > vmr ? b : vmr;
@@ -500,7 +468,7 @@ RETAIN_FORCE_INLINE void kl_fwd_rows(const T* __restrict z, const T* __restrict 
                                      double* __restrict lse_ref, int64_t r0, int64_t r1) {
   using A = Acc<T>;
   const A it = static_cast<A>(inv_t);
-  constexpr int64_t W = kVectorRows<T> ? 16 : 1;
+  constexpr int64_t W = kVectorRows<T> ? kFloatLanes : 1;
   const int64_t Vv = kVectorRows<T> ? V / W * W : 0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict zr = z + r * V;
@@ -509,7 +477,6 @@ RETAIN_FORCE_INLINE void kl_fwd_rows(const T* __restrict z, const T* __restrict 
     kl_row_max(zr, qr, V, it, m, mr);
     A s = 0, sr = 0, w = 0;
     if constexpr (kVectorRows<T>) {
-      using VF = Vec<float>::type;
       VF vs{}, vsr{}, vw{};
       const VF zero{}, vit = vsplat<float>(it), vm = vsplat<float>(m), vmr = vsplat<float>(mr);
       // this pass is compute-bound (the row is in L2): fetch the next row meanwhile, so the
@@ -548,10 +515,9 @@ RETAIN_FORCE_INLINE void kl_fwd_rows(const T* __restrict z, const T* __restrict 
 template <typename T, bool WantZ, bool WantRef>
 RETAIN_FORCE_INLINE void kl_bwd_row(const T* __restrict zr, const T* __restrict qr, int64_t V, float it, float gr,
                                     float l, float lr, float kl, T* __restrict gz, T* __restrict gq) {
-  using VF = Vec<float>::type;
   const VF vit = vsplat(it), vgr = vsplat(gr), vl = vsplat(l), vlr = vsplat(lr), vkl = vsplat(kl);
-  const int64_t Vv = V / 16 * 16;
-  for (int64_t v = 0; v < Vv; v += 16) {
+  const int64_t Vv = V / kFloatLanes * kFloatLanes;
+  for (int64_t v = 0; v < Vv; v += kFloatLanes) {
     const VF lp = vload_f(zr + v) * vit - vl, lq = vload_f(qr + v) * vit - vlr;
     const VF eq = vexp<true>(lq);
     if constexpr (WantZ) vstore_f(gz + v, vgr * (vexp<true>(lp) - eq));
@@ -611,7 +577,7 @@ RETAIN_FORCE_INLINE void kl_fwd_grad_rows(const T* __restrict z, const T* __rest
   // phase after it); other dtypes go through the scratch row and store_row
   constexpr bool kInPlace = std::is_same_v<T, A>;
   A* __restrict eb = scratch + V;
-  const int64_t Vv = kVectorRows<T> ? V / 16 * 16 : 0;
+  const int64_t Vv = kVectorRows<T> ? V / kFloatLanes * kFloatLanes : 0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict zr = z + r * V;
     const T* __restrict qr = z_ref + r * V;
@@ -623,12 +589,11 @@ RETAIN_FORCE_INLINE void kl_fwd_grad_rows(const T* __restrict z, const T* __rest
     kl_row_max(zr, qr, V, it, m, mr);
     A s = 0, sr = 0, w = 0;
     if constexpr (kVectorRows<T>) {
-      using VF = Vec<float>::type;
       VF vs{}, vsr{}, vw{};
       const VF zero{}, vit = vsplat<float>(it), vm = vsplat<float>(m), vmr = vsplat<float>(mr);
       const T* nz = r + 1 < r1 ? zr + V : zr;  // the next row, fetched meanwhile (as in kl_fwd_rows)
       const T* nq = r + 1 < r1 ? qr + V : qr;
-      for (int64_t v = 0; v < Vv; v += 16) {
+      for (int64_t v = 0; v < Vv; v += kFloatLanes) {
         __builtin_prefetch(nz + v);
         __builtin_prefetch(nq + v);
         const VF a = vload_f(zr + v) * vit, b = vload_f(qr + v) * vit;
@@ -677,68 +642,44 @@ RETAIN_FORCE_INLINE void kl_fwd_grad_rows(const T* __restrict z, const T* __rest
   stream_fence(stream);
 }
 
-#define RETAIN_KL_KERNELS(T)                                                                                   \
-  RETAIN_ISA_CLONES void kl_fwd_rows_isa(const T* z, const T* z_ref, const uint8_t* mask, int64_t V,           \
-                                         double inv_t, double* loss, double* lse, double* lse_ref, int64_t r0, \
-                                         int64_t r1) {                                                         \
-    kl_fwd_rows<T>(z, z_ref, mask, V, inv_t, loss, lse, lse_ref, r0, r1);                                      \
-  }                                                                                                            \
-  RETAIN_ISA_CLONES void kl_bwd_rows_isa(const T* z, const T* z_ref, const double* g, const double* loss,      \
-                                         const double* lse, const double* lse_ref, int64_t V, double inv_t,    \
-                                         T* grad_z, T* grad_z_ref, int64_t r0, int64_t r1) {                   \
-    kl_bwd_rows<T>(z, z_ref, g, loss, lse, lse_ref, V, inv_t, grad_z, grad_z_ref, r0, r1);                     \
-  }                                                                                                            \
-  RETAIN_ISA_CLONES void kl_fwd_grad_rows_isa(const T* z, const T* z_ref, const uint8_t* mask, int64_t V,      \
-                                              double inv_t, double grad_scale, double* loss, double* lse,      \
-                                              double* lse_ref, T* grad_z, T* grad_z_ref, bool stream,          \
-                                              Acc<T>* scratch, int64_t r0, int64_t r1) {                       \
-    kl_fwd_grad_rows<T>(z, z_ref, mask, V, inv_t, grad_scale, loss, lse, lse_ref, grad_z, grad_z_ref, stream,  \
-                        scratch, r0, r1);                                                                      \
-  }
-RETAIN_KL_KERNELS(float)
-RETAIN_KL_KERNELS(double)
-RETAIN_KL_KERNELS(bf16_t)
-RETAIN_KL_KERNELS(f16_t)
-#undef RETAIN_KL_KERNELS
-
 }  // namespace
 
-template <typename T>
+template <CpuCapability C, typename T>
 void kl_imitation_fwd_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
                           double* loss, double* lse, double* lse_ref, int nthreads) {
   parallel_for(N, V * 16, nthreads, [&](int64_t r0, int64_t r1) {
-    kl_fwd_rows_isa(z, z_ref, mask, V, inv_t, loss, lse, lse_ref, r0, r1);
+    kl_fwd_rows<T>(z, z_ref, mask, V, inv_t, loss, lse, lse_ref, r0, r1);
   });
 }
 
-template <typename T>
+template <CpuCapability C, typename T>
 void kl_imitation_bwd_cpu(const T* z, const T* z_ref, const double* g, const double* loss, const double* lse,
                           const double* lse_ref, int64_t N, int64_t V, double inv_t, T* grad_z, T* grad_z_ref,
                           int nthreads) {
   parallel_for(N, V * 16, nthreads, [&](int64_t r0, int64_t r1) {
-    kl_bwd_rows_isa(z, z_ref, g, loss, lse, lse_ref, V, inv_t, grad_z, grad_z_ref, r0, r1);
+    kl_bwd_rows<T>(z, z_ref, g, loss, lse, lse_ref, V, inv_t, grad_z, grad_z_ref, r0, r1);
   });
 }
 
-template <typename T>
+template <CpuCapability C, typename T>
 void kl_imitation_fwd_grad_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
                                double grad_scale, double* loss, double* lse, double* lse_ref, T* grad_z,
                                T* grad_z_ref, int nthreads) {
   // stream the gradients when they are far larger than the caches (and a row starts aligned)
   const bool stream = N * V * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (V * int64_t{sizeof(T)}) % 64 == 0;
   parallel_for(N, V * 24, nthreads, [&](int64_t r0, int64_t r1) {
-    std::vector<Acc<T>> scratch(2 * V);
-    kl_fwd_grad_rows_isa(z, z_ref, mask, V, inv_t, grad_scale, loss, lse, lse_ref, grad_z, grad_z_ref, stream,
+    Buffer<Acc<T>> scratch(2 * V);
+    kl_fwd_grad_rows<T>(z, z_ref, mask, V, inv_t, grad_scale, loss, lse, lse_ref, grad_z, grad_z_ref, stream,
                          scratch.data(), r0, r1);
   });
 }
 
 #define RETAIN_INSTANTIATE(T)                                                                                  \
-  template void kl_imitation_fwd_grad_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double,       \
+  template void kl_imitation_fwd_grad_cpu<kThisCpu, T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double,       \
                                              double, double*, double*, double*, T*, T*, int);                  \
-  template void kl_imitation_fwd_cpu<T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double, double*,  \
+  template void kl_imitation_fwd_cpu<kThisCpu, T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double, double*,  \
                                         double*, double*, int);                                                \
-  template void kl_imitation_bwd_cpu<T>(const T*, const T*, const double*, const double*, const double*,        \
+  template void kl_imitation_bwd_cpu<kThisCpu, T>(const T*, const T*, const double*, const double*, const double*,        \
                                         const double*, int64_t, int64_t, double, T*, T*, int);
 RETAIN_INSTANTIATE(float)
 RETAIN_INSTANTIATE(double)

@@ -5,9 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
-#include <vector>
 
-#include "common/isa.h"
+#include "common/buffer.h"
+#include "common/cpu_capability.h"
 #include "common/parallel.h"
 #include "common/vec.h"
 #include "scan/memory_scan.h"
@@ -27,11 +27,13 @@ RETAIN_FORCE_INLINE void copy_or_zero(A* __restrict dst, const A* src, int64_t n
   if (src) copy_state(dst, src, n); else std::fill(dst, dst + n, A(0));
 }
 
-// Columns of the K x V state are processed in blocks of 256 bytes whose accumulators stay in
-// vector registers across the K rows (a loop that kept them in memory would be bound by
-// store-to-load latency). Full blocks have a compile-time width, so the inner loops unroll.
+// Columns of the K x V state are processed in blocks of four native vectors (256 bytes with
+// AVX-512, 128 with AVX2, 64 with SSE2/NEON) whose accumulators stay in vector registers across
+// the K rows (a loop that kept them in memory would be bound by store-to-load latency): the
+// forward's fused update holds three such blocks, 12 of the 16 (AVX2, SSE2) or 32 registers.
+// Full blocks have a compile-time width, so the inner loops unroll.
 template <typename A>
-constexpr int64_t kBlock = 256 / sizeof(A);
+constexpr int64_t kBlock = 4 * kLanes<A>;
 
 template <typename A, typename F>
 RETAIN_FORCE_INLINE void column_blocks(int64_t V, F&& f) {
@@ -55,7 +57,7 @@ struct Unit {
   int64_t seq, b, h, t0, t1;  // sequence, batch row, head, first and one-past-last step
   ObjectiveMath<A> obj;
   // per-step vectors
-  std::vector<A> kk, qq, vv, av, kr, knorm_in, qnorm_in;  // kr: k scaled as the error reads it
+  Buffer<A> kk, qq, vv, av, kr, knorm_in, qnorm_in;  // kr: k scaled as the error reads it
   A beta = 0, eta = 0, k_rstd = 1, q_rstd = 1;
 
   Unit(const MemoryScanParams<T>& p, int64_t n)
@@ -314,9 +316,9 @@ struct Unit {
 // Buffers one thread reuses across its units.
 template <typename A>
 struct Workspace {
-  std::vector<A> S, Z, e, psi, o;                  // forward
-  std::vector<A> Sbuf, Zbuf, ebuf, psibuf;         // backward: one chunk of states, e and psi
-  std::vector<A> dS, dZ, dZt, w, de, dkk, dqq, da, go;
+  Buffer<A> S, Z, e, psi, o;                  // forward
+  Buffer<A> Sbuf, Zbuf, ebuf, psibuf;         // backward: one chunk of states, e and psi
+  Buffer<A> dS, dZ, dZt, w, de, dkk, dqq, da, go;
   Workspace(int64_t K, int64_t V, int64_t C, bool momentum, bool backward)
       : S(K * V), Z(momentum ? K * V : 0), e(V), psi(V), o(V) {
     if (!backward) return;
@@ -339,11 +341,11 @@ RETAIN_FORCE_INLINE void fwd_unit(const MemoryScanParams<T>& P, int64_t n, Works
   using A = Acc<T>;
   const int64_t V = P.V, KV = P.K * V, C = P.ckpt_every, L = P.states_every;
   const bool momentum = P.momentum;
-  std::vector<A>& S = ws.S;
-  std::vector<A>& Z = ws.Z;
-  std::vector<A>& e = ws.e;
-  std::vector<A>& psi = ws.psi;
-  std::vector<A>& o = ws.o;
+  Buffer<A>& S = ws.S;
+  Buffer<A>& Z = ws.Z;
+  Buffer<A>& e = ws.e;
+  Buffer<A>& psi = ws.psi;
+  Buffer<A>& o = ws.o;
   Unit<T> u(P, n);
   const int64_t so = u.state_offset();
   copy_or_zero(S.data(), P.initial_S ? P.initial_S + so : nullptr, KV);
@@ -392,19 +394,19 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
   const bool momentum = P.momentum;
   const bool dot = static_cast<Objective>(P.objective) == Objective::Dot;
   // states after each step of one chunk (Sbuf[0] = state before the chunk), and per-step e, psi
-  std::vector<A>& Sbuf = ws.Sbuf;
-  std::vector<A>& Zbuf = ws.Zbuf;
-  std::vector<A>& ebuf = ws.ebuf;
-  std::vector<A>& psibuf = ws.psibuf;
-  std::vector<A>& dS = ws.dS;
-  std::vector<A>& dZ = ws.dZ;
-  std::vector<A>& dZt = ws.dZt;
-  std::vector<A>& w = ws.w;
-  std::vector<A>& de = ws.de;
-  std::vector<A>& dkk = ws.dkk;
-  std::vector<A>& dqq = ws.dqq;
-  std::vector<A>& da = ws.da;
-  std::vector<A>& go = ws.go;
+  Buffer<A>& Sbuf = ws.Sbuf;
+  Buffer<A>& Zbuf = ws.Zbuf;
+  Buffer<A>& ebuf = ws.ebuf;
+  Buffer<A>& psibuf = ws.psibuf;
+  Buffer<A>& dS = ws.dS;
+  Buffer<A>& dZ = ws.dZ;
+  Buffer<A>& dZt = ws.dZt;
+  Buffer<A>& w = ws.w;
+  Buffer<A>& de = ws.de;
+  Buffer<A>& dkk = ws.dkk;
+  Buffer<A>& dqq = ws.dqq;
+  Buffer<A>& da = ws.da;
+  Buffer<A>& go = ws.go;
   Unit<T> u(P, n);
   const int64_t so = u.state_offset();
   copy_or_zero(dS.data(), G.grad_final_S ? G.grad_final_S + so : nullptr, KV);
@@ -457,8 +459,8 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
       // pass A: o_t = S_tᵀ q̃ feeds dS and dq̃; dZ_t = dS_t (+ the momentum carry). Columns
       // outer, rows inner, so w = dZ_tᵀ k stays in registers across the rows of a full block.
       A deta = 0;
-      std::fill(dqq.begin(), dqq.end(), A(0));
-      std::fill(dkk.begin(), dkk.end(), A(0));
+      dqq.fill(A(0));
+      dkk.fill(A(0));
       column_blocks<A>(V, [&](int64_t j0, auto nb) {
         if constexpr (!std::is_same_v<decltype(nb), int64_t>) {
           using VT = typename Vec<A>::type;
@@ -606,46 +608,30 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
   if (G.grad_initial_Z && momentum) copy_state(G.grad_initial_Z + so, dZ.data(), KV);
 }
 
-// One clone per instruction set (common/isa.h): the unit bodies above are force-inlined into each.
-
-#define RETAIN_UNIT_KERNELS(T)                                                                              \
-  RETAIN_ISA_CLONES void fwd_unit_isa(const MemoryScanParams<T>& P, int64_t n, Workspace<Acc<T>>& ws) {     \
-    fwd_unit<T>(P, n, ws);                                                                                  \
-  }                                                                                                         \
-  RETAIN_ISA_CLONES void bwd_unit_isa(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int64_t n, \
-                                      Workspace<Acc<T>>& ws) {                                              \
-    bwd_unit<T>(P, G, n, ws);                                                                               \
-  }
-RETAIN_UNIT_KERNELS(float)
-RETAIN_UNIT_KERNELS(double)
-RETAIN_UNIT_KERNELS(bf16_t)
-RETAIN_UNIT_KERNELS(f16_t)
-#undef RETAIN_UNIT_KERNELS
-
 }  // namespace
 
-template <typename T>
+template <CpuCapability C, typename T>
 void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads) {
   const int64_t per_unit = P.T / std::max<int64_t>(P.N, 1) * P.K * P.V * 6;
   parallel_for(P.N * P.H, per_unit, nthreads, [&](int64_t u0, int64_t u1) {
     Workspace<Acc<T>> ws(P.K, P.V, P.ckpt_every, P.momentum, false);
-    for (int64_t n = u0; n < u1; ++n) fwd_unit_isa(P, n, ws);
+    for (int64_t n = u0; n < u1; ++n) fwd_unit<T>(P, n, ws);
   });
 }
 
-template <typename T>
+template <CpuCapability C, typename T>
 void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int nthreads) {
   const int64_t per_unit = P.T / std::max<int64_t>(P.N, 1) * P.K * P.V * 14;
   parallel_for(P.N * P.H, per_unit, nthreads, [&](int64_t u0, int64_t u1) {
     Workspace<Acc<T>> ws(P.K, P.V, P.ckpt_every, P.momentum, true);
-    for (int64_t n = u0; n < u1; ++n) bwd_unit_isa(P, G, n, ws);
+    for (int64_t n = u0; n < u1; ++n) bwd_unit<T>(P, G, n, ws);
   });
 }
 
 
 #define RETAIN_INSTANTIATE(T)                                                              \
-  template void memory_scan_fwd_cpu<T>(const MemoryScanParams<T>&, int);                   \
-  template void memory_scan_bwd_cpu<T>(const MemoryScanParams<T>&, const MemoryScanGrads<T>&, int);
+  template void memory_scan_fwd_cpu<kThisCpu, T>(const MemoryScanParams<T>&, int);                   \
+  template void memory_scan_bwd_cpu<kThisCpu, T>(const MemoryScanParams<T>&, const MemoryScanGrads<T>&, int);
 RETAIN_INSTANTIATE(float)
 RETAIN_INSTANTIATE(double)
 RETAIN_INSTANTIATE(bf16_t)

@@ -4,13 +4,16 @@
 
 #include <cstdint>
 
+#include "common/cpu_capability.h"
+
 namespace retain::scan {
 
-template <typename T>
+// CPU launchers: one build per CPU capability C (call through retain::cpu_dispatch).
+template <CpuCapability C, typename T>
 void linear_recurrence_fwd_cpu(const T* a, const T* x, const T* initial, T* h, int64_t B, int64_t Tn,
                                int64_t D, bool reverse, int nthreads);
 
-template <typename T>
+template <CpuCapability C, typename T>
 void linear_recurrence_bwd_cpu(const T* a, const T* h, const T* initial, const T* grad_h, T* grad_x,
                                T* grad_a, T* grad_initial, int64_t B, int64_t Tn, int64_t D, bool reverse,
                                int nthreads);
@@ -32,10 +35,10 @@ void linear_recurrence_bwd_cuda(const T* a, const T* h, const T* initial, const 
 
 namespace retain::scan {
 
-template <typename T>
+template <CpuCapability C, typename T>
 void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads);
 
-template <typename T>
+template <CpuCapability C, typename T>
 void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int nthreads);
 
 #ifdef RETAIN_WITH_CUDA

@@ -5,7 +5,7 @@
 #include <type_traits>
 
 #include "common/dtype.h"
-#include "common/isa.h"
+#include "common/cpu_capability.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "scan/linear_recurrence.h"
@@ -110,49 +110,33 @@ RETAIN_FORCE_INLINE void bwd_units(const T* __restrict a, const T* __restrict h,
   stream_fence(stream);
 }
 
-#define RETAIN_UNIT_KERNELS(T)                                                                                 \
-  RETAIN_ISA_CLONES void fwd_units_isa(const T* a, const T* x, const T* initial, T* h, int64_t Tn, int64_t D,   \
-                                       bool reverse, int64_t block, bool stream, int64_t u0, int64_t u1) {     \
-    fwd_units<T>(a, x, initial, h, Tn, D, reverse, block, stream, u0, u1);                                     \
-  }                                                                                                            \
-  RETAIN_ISA_CLONES void bwd_units_isa(const T* a, const T* h, const T* initial, const T* grad_h, T* grad_x,     \
-                                       T* grad_a, T* grad_initial, int64_t Tn, int64_t D, bool reverse,         \
-                                       int64_t block, bool stream, int64_t u0, int64_t u1) {                   \
-    bwd_units<T>(a, h, initial, grad_h, grad_x, grad_a, grad_initial, Tn, D, reverse, block, stream, u0, u1);  \
-  }
-RETAIN_UNIT_KERNELS(float)
-RETAIN_UNIT_KERNELS(double)
-RETAIN_UNIT_KERNELS(bf16_t)
-RETAIN_UNIT_KERNELS(f16_t)
-#undef RETAIN_UNIT_KERNELS
-
 }  // namespace
 
-template <typename T>
+template <CpuCapability C, typename T>
 void linear_recurrence_fwd_cpu(const T* a, const T* x, const T* initial, T* h, int64_t B, int64_t Tn, int64_t D,
                                bool reverse, int nthreads) {
   const int64_t block = feature_block(B, D, nthreads);
   const int64_t nblocks = (D + block - 1) / block;
   parallel_for(B * nblocks, Tn * block, nthreads, [&](int64_t u0, int64_t u1) {
-    fwd_units_isa(a, x, initial, h, Tn, D, reverse, block, streaming_stores<T>(B * Tn * D), u0, u1);
+    fwd_units(a, x, initial, h, Tn, D, reverse, block, streaming_stores<T>(B * Tn * D), u0, u1);
   });
 }
 
-template <typename T>
+template <CpuCapability C, typename T>
 void linear_recurrence_bwd_cpu(const T* a, const T* h, const T* initial, const T* grad_h, T* grad_x, T* grad_a,
                                T* grad_initial, int64_t B, int64_t Tn, int64_t D, bool reverse, int nthreads) {
   const int64_t block = feature_block(B, D, nthreads);
   const int64_t nblocks = (D + block - 1) / block;
   parallel_for(B * nblocks, Tn * block * 2, nthreads, [&](int64_t u0, int64_t u1) {
-    bwd_units_isa(a, h, initial, grad_h, grad_x, grad_a, grad_initial, Tn, D, reverse, block,
+    bwd_units(a, h, initial, grad_h, grad_x, grad_a, grad_initial, Tn, D, reverse, block,
                   streaming_stores<T>(B * Tn * D), u0, u1);
   });
 }
 
 #define RETAIN_INSTANTIATE(T)                                                                          \
-  template void linear_recurrence_fwd_cpu<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, \
+  template void linear_recurrence_fwd_cpu<kThisCpu, T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, \
                                              bool, int);                                               \
-  template void linear_recurrence_bwd_cpu<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t,  \
+  template void linear_recurrence_bwd_cpu<kThisCpu, T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t,  \
                                              int64_t, int64_t, bool, int);
 RETAIN_INSTANTIATE(float)
 RETAIN_INSTANTIATE(double)

@@ -14,8 +14,9 @@ Examples::
 """
 
 from retain import cl, ops
-from retain._native import capabilities, native_available
+from retain._native import capabilities, cpu_capabilities, cpu_capability, native_available, set_cpu_capability
 
 __version__ = "0.1.0"
 
-__all__ = ["cl", "ops", "capabilities", "native_available", "__version__"]
+__all__ = ["cl", "ops", "capabilities", "cpu_capabilities", "cpu_capability", "native_available",
+           "set_cpu_capability", "__version__"]

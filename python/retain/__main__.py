@@ -20,12 +20,20 @@ def _info(_args) -> int:
         print(f"native module: FAILED to load: {caps['load_error']}")
         print(_native.REBUILD_HINT)
         return 1
-    build = caps["build"]
+    build, cpu = caps["build"], caps["cpu"]
     print(f"native module: {build['compiler']}, OpenMP {build['openmp']} "
           f"(torch threads: {torch.get_num_threads()})")
+    print(f"CPU: {cpu['model']}, {cpu['cores']} cores; instruction sets: {' '.join(cpu['isa']) or 'baseline'}")
+    print(f"CPU kernels: capability {cpu['capability']} (this CPU supports up to {cpu['supported']}; "
+          f"compiled: {', '.join(cpu['compiled'])}; {_native.CPU_CAPABILITY_ENV} selects a lower one)")
+    ok = True
+    if cpu["error"]:
+        ok = False
+        print(f"CPU kernels: FAILED: {cpu['error']}")
     if build["cuda"]:
         rt = build["cuda_runtime"]
-        print(f"CUDA kernels: compiled for sm {build['cuda_archs']} (runtime {rt // 1000}.{rt % 1000 // 10}, static)")
+        archs = ", ".join(f"sm_{a}" for a in build["cuda_archs"].split(","))
+        print(f"CUDA kernels: compiled for {archs} (runtime {rt // 1000}.{rt % 1000 // 10}, static)")
     else:
         print("CUDA kernels: not compiled (rebuild with RETAIN_CUDA=ON for GPU kernels)")
     print("kernels:")
@@ -33,9 +41,13 @@ def _info(_args) -> int:
         print(f"  {op:24s} {', '.join(devices)}")
 
     devices = ["cpu"]
-    if build["cuda"] and torch.cuda.is_available():
-        devices.append("cuda")
-    ok = True
+    if build["cuda"]:
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        elif torch.version.cuda is None:
+            print(f"smoke test on cuda: skipped (torch {torch.__version__} is a CPU-only build)")
+        else:
+            print("smoke test on cuda: skipped (torch.cuda.is_available() is False: no GPU or driver visible)")
     for dev in devices:
         try:
             _smoke(dev)
@@ -64,8 +76,18 @@ def _smoke(device: str) -> None:
     torch.testing.assert_close(ga, ga_ref)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retain")
+    except PackageNotFoundError:  # running from a source tree
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retain", description="retain: fast memory primitives for PyTorch")
+    parser.add_argument("--version", action="version", version=f"retain {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build facts, kernels per device and a smoke test").set_defaults(fn=_info)
     bench = sub.add_parser("bench", help="benchmark ops against their references and peers")

@@ -53,11 +53,75 @@ def load_error() -> BaseException | None:
     return _LOAD_ERROR
 
 
+# RETAIN_CPU_CAPABILITY=avx512|avx2|default (PyTorch's ATEN_CPU_CAPABILITY convention) forces the
+# build of the CPU kernels to run, at most what the CPU supports. A bad value is remembered and
+# raised by the first kernel call (and reported by `retain info`), as a failed load is.
+CPU_CAPABILITY_ENV = "RETAIN_CPU_CAPABILITY"
+CPU_CAPABILITY_ORDER = ("default", "avx2", "avx512")
+_CPU_CAPABILITY_ERROR: ValueError | None = None
+if _C is not None and os.environ.get(CPU_CAPABILITY_ENV, "").strip():
+    try:
+        _C.set_cpu_capability(os.environ[CPU_CAPABILITY_ENV].strip().lower())
+    except ValueError as exc:
+        _CPU_CAPABILITY_ERROR = exc
+
+
 def lib():
     """The native module; raises RuntimeError naming the load failure when it did not load."""
     if _C is None:
         raise RuntimeError(f"retain's native module retain._C failed to load ({_LOAD_ERROR!r}). {REBUILD_HINT}")
+    if _CPU_CAPABILITY_ERROR is not None:
+        raise ValueError(f"{_CPU_CAPABILITY_ERROR} (set {CPU_CAPABILITY_ENV} to one of "
+                         f"{', '.join(cpu_capabilities())} or unset it)")
     return _C
+
+
+def cpu_capability() -> str:
+    """The CPU capability the kernels run with: ``'avx512'``, ``'avx2'`` or ``'default'``."""
+    return lib().cpu_capability()
+
+
+def cpu_capabilities() -> list[str]:
+    """The capabilities this build compiled and this CPU can run, lowest first."""
+    if _C is None:
+        return []
+    top = CPU_CAPABILITY_ORDER.index(_C.cpu_capability_supported())
+    return [c for c in _C.cpu_capabilities_compiled if CPU_CAPABILITY_ORDER.index(c) <= top]
+
+
+def set_cpu_capability(name: str) -> None:
+    """Run later CPU kernel calls with the build for ``name`` (one of :func:`cpu_capabilities`).
+
+    Raises ValueError naming what the CPU supports when it lacks the instructions, or the name
+    is unknown. Meant for benchmarks and tests; the default is the best the CPU supports.
+    """
+    global _CPU_CAPABILITY_ERROR
+    if not isinstance(name, str):
+        raise TypeError(f"set_cpu_capability: name must be a str, got {type(name).__name__}")
+    lib_ = _C if _C is not None else lib()
+    lib_.set_cpu_capability(name.strip().lower())
+    _CPU_CAPABILITY_ERROR = None
+
+
+def cpu_model() -> dict[str, Any]:
+    """The CPU's model name, core count and vector instruction sets (Linux: /proc/cpuinfo)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+                       "amx_tile", "asimd", "sve") if f in flags]
+    return {"model": model, "cores": os.cpu_count(), "isa": isa}
 
 
 def fallback_to_reference() -> bool:
@@ -83,13 +147,22 @@ def capabilities() -> dict[str, Any]:
     """Build facts and kernels per op and device, without initialising CUDA.
 
     Returns a dict with ``native`` (bool), ``load_error`` (str or None), ``build`` (compiler,
-    OpenMP, CUDA runtime and architectures compiled) and ``kernels`` ({op: [devices]}).
+    OpenMP, CUDA runtime and architectures compiled), ``kernels`` ({op: [devices]}) and ``cpu``
+    (model, cores, vector instruction sets, the active, supported and compiled capabilities, and
+    the error of a bad RETAIN_CPU_CAPABILITY).
     """
     if _C is None:
-        return {"native": False, "load_error": repr(_LOAD_ERROR), "build": {}, "kernels": {}}
+        return {"native": False, "load_error": repr(_LOAD_ERROR), "build": {}, "kernels": {}, "cpu": cpu_model()}
     return {
         "native": True,
         "load_error": None,
         "build": dict(_C.build_info()),
         "kernels": {op: list(devs) for op, devs in _C.kernels.items()},
+        "cpu": {
+            **cpu_model(),
+            "capability": _C.cpu_capability(),
+            "supported": _C.cpu_capability_supported(),
+            "compiled": list(_C.cpu_capabilities_compiled),
+            "error": None if _CPU_CAPABILITY_ERROR is None else str(_CPU_CAPABILITY_ERROR),
+        },
     }

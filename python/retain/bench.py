@@ -38,7 +38,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -119,6 +119,43 @@ def register(case: Case) -> Case:
     return case
 
 
+def with_cpu_capabilities(case: Case, capabilities: Sequence[str]) -> Case:
+    """``case`` with each retain implementation also run under each listed CPU capability, as
+    ``<impl>@<capability>`` (checked against the reference like any implementation)."""
+    impls: dict[str, Impl] = {}
+    for name, impl in case.impls.items():
+        impls[name] = impl
+        if name.startswith("retain"):
+            for cap in capabilities:
+                impls[f"{name}@{cap}"] = Impl(build=_at_capability(impl.build, cap), jit=impl.jit,
+                                              note=f"{name} with the {cap} build of the CPU kernels")
+    return replace(case, impls=impls)
+
+
+def _at_capability(build: Callable[..., Runner], cap: str) -> Callable[..., Runner]:
+    from retain import _native
+
+    def at(fn: Callable[[], Any] | None) -> Callable[[], Any] | None:
+        if fn is None:
+            return None
+
+        def call():
+            before = _native.cpu_capability()
+            _native.set_cpu_capability(cap)  # an atomic store: nothing next to a kernel call
+            try:
+                return fn()
+            finally:
+                _native.set_cpu_capability(before)
+
+        return call
+
+    def wrapped(inputs: dict[str, torch.Tensor], params: dict[str, Any], device: str) -> Runner:
+        r = build(inputs, params, device)
+        return Runner(fwd=at(r.fwd), fwdbwd=at(r.fwdbwd), to_ref=r.to_ref)
+
+    return wrapped
+
+
 def itemsize(params: dict[str, Any]) -> int:
     """Bytes per element of the case's ``dtype`` parameter (for bytes models)."""
     return torch.empty(0, dtype=getattr(torch, params["dtype"])).element_size()
@@ -170,24 +207,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_facts(device: str) -> dict[str, Any]:
     import retain
     from retain import _native
 
     caps = _native.capabilities()
+    cpu = caps["cpu"]
     facts: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu["model"],
+        "cpu_isa": cpu["isa"],
+        "cpu_capability": cpu.get("capability"),
+        "cpu_capability_supported": cpu.get("supported"),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -399,7 +429,7 @@ def run_case(
     times, each after waiting up to ``wait_quiet_s`` seconds for quiet.
     """
     log = log or (lambda _msg: None)
-    names = [n for n in case.impls if impls is None or n in impls]
+    names = [n for n in case.impls if impls is None or n in impls or n.partition("@")[0] in impls]
     ref = case.reference
     if ref in names:  # the reference runs first: everything else is checked against it
         names.remove(ref)
@@ -527,6 +557,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"- command: `{report['command']}`",
         f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}"
         + (f", GPU {m['gpu']} (CUDA {m.get('cuda_runtime')})" if m.get("gpu") else ""),
+        f"- CPU instruction sets: {' '.join(m.get('cpu_isa') or []) or 'baseline'}; retain's CPU kernels: "
+        f"`{m.get('cpu_capability')}` build (the CPU supports up to `{m.get('cpu_capability_supported')}`)"
+        + ("; `<impl>@<capability>` rows use another build" if cfg.get("cpu_capabilities") else ""),
         f"- software: Python {m['python']}, torch {m['torch']}, retain {m['retain']} ({m.get('compiler')})"
         + "".join(f", {k} {m[k]}" for k in ("numba", "numpy", "assoc-scan", "accelerated-scan") if k in m),
         f"- ceilings on {cfg['device']}: copy {c['copy_gbps']:.1f} GB/s (float32 dst.copy_(src), "
@@ -583,7 +616,31 @@ def format_report(report: dict[str, Any]) -> str:
         if case and case.model_note:
             lines.append(f"- {case.model_note}")
     lines += _sweep_summary(report["results"])
+    lines += _capability_summary(report)
     return "\n".join(lines) + "\n"
+
+
+def _capability_summary(report: dict[str, Any]) -> list[str]:
+    """Median ms of each retain implementation per CPU capability, side by side."""
+    active = report["machine"].get("cpu_capability")
+    caps = [active] + [c for c in report["config"].get("cpu_capabilities") or [] if c != active]
+    if len(caps) < 2:
+        return []
+    cells: dict[tuple[str, str, str, str], dict[str, float]] = {}
+    for r in report["results"]:
+        base, _, cap = r["impl"].partition("@")
+        if base.startswith("retain") and r["status"] == "ok":
+            cells.setdefault((r["op"], r["shape"], r["direction"], base), {})[cap or active] = r["median_ms"]
+    lines = ["", "## retain per CPU capability (median ms; in brackets: speed as a fraction of the "
+                 f"`{active}` build)", "",
+             "| op | shape | direction | impl | " + " | ".join(f"`{c}`" for c in caps) + " |",
+             "|---|---|---|---|" + "--:|" * len(caps)]
+    for (op, shape, direction, impl), by_cap in cells.items():
+        best = by_cap.get(active)
+        row = [f"{by_cap[c]:.3f}" + (f" ({best / by_cap[c]:.2f})" if best and c != active else "")
+               if c in by_cap else "" for c in caps]
+        lines.append(f"| {op} | {shape} | {direction} | {impl} | " + " | ".join(row) + " |")
+    return lines
 
 
 def _sweep_summary(results: list[dict[str, Any]]) -> list[str]:
@@ -638,6 +695,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-noisy", type=int, default=0, metavar="N",
                         help="measure a cell again, up to N times, when other processes used the CPUs "
                              "meanwhile (each time after waiting up to --wait-quiet, or 60 s, for quiet)")
+    parser.add_argument("--cpu-capability", metavar="CAPS",
+                        help="also run retain's implementations with these builds of the CPU kernels "
+                             "(comma-separated, or 'all'), as <impl>@<capability>; RETAIN_CPU_CAPABILITY "
+                             "sets the build of the plain rows")
     parser.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the printed table to FILE as well")
     parser.add_argument("--list", action="store_true", help="list ops and implementations, then exit")
@@ -676,6 +737,21 @@ def run_cli(args: argparse.Namespace) -> int:
         print("retain bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     sweep = [int(t) for t in args.sweep_T.split(",")] if args.sweep_T else None
+    from retain import _native
+
+    extra_caps: list[str] = []
+    if args.cpu_capability:
+        usable = _native.cpu_capabilities()
+        wanted = usable if args.cpu_capability.strip() == "all" else [
+            c.strip() for c in args.cpu_capability.split(",") if c.strip()]
+        bad = [c for c in wanted if c not in usable]
+        if bad or args.device != "cpu":
+            print(f"retain bench: --cpu-capability {args.cpu_capability}: "
+                  + (f"{', '.join(bad)} not usable here (this build and CPU run: {', '.join(usable)})" if bad
+                     else "CPU capabilities apply to --device cpu"), file=sys.stderr)
+            return 2
+        extra_caps = sorted((c for c in wanted if c != _native.cpu_capability()),
+                            key=_native.CPU_CAPABILITY_ORDER.index, reverse=True)
 
     log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if args.wait_quiet > 0:
@@ -694,7 +770,7 @@ def run_cli(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     with _compile_caches(args.compile_cache):
         for op in ops:
-            case = REGISTRY[op]
+            case = with_cpu_capabilities(REGISTRY[op], extra_caps) if extra_caps else REGISTRY[op]
             base = case.sizes[args.size]
             skip: dict[tuple[str, str], str] = {}
             for p in ([dict(base, T=t) for t in sweep] if sweep else [base]):
@@ -718,7 +794,8 @@ def run_cli(args: argparse.Namespace) -> int:
         "config": {"device": args.device, "size": args.size, "sweep_T": sweep, "reps": args.reps,
                    "budget_s": args.budget, "max_call_s": args.max_call_s, "heap": heap,
                    "heap_mode": "cold" if args.cold_heap else "warm", "compile_cache": args.compile_cache,
-                   "other_cpu": meter.other_cores()},
+                   "other_cpu": meter.other_cores(),
+                   "cpu_capabilities": [_native.cpu_capability(), *extra_caps] if extra_caps else None},
         "results": results,
     }
     text = format_report(report)
@@ -740,7 +817,7 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
     for key, default in (("op", None), ("impl", None), ("device", "cpu"), ("size", "default"),
                          ("sweep_T", None), ("reps", 30), ("budget", 2.0), ("max_call_s", 10.0),
                          ("cold_heap", False), ("compile_cache", False), ("wait_quiet", 0), ("retry_noisy", 0),
-                         ("json", None),
+                         ("cpu_capability", None), ("json", None),
                          ("markdown", None)):
         v = getattr(args, key, default)
         if v == default:

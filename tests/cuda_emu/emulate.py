@@ -45,7 +45,8 @@ def build(kernel: pathlib.Path, harness: pathlib.Path, cpu_sources: list[pathlib
     src = out / (kernel.stem + "_emu.cpp")
     src.write_text(emulated_source(kernel, **counts))
     exe = out / (harness.stem + ".bin")
-    cmd = ["g++", "-std=c++17", "-O2", "-fopenmp", "-w", "-DRETAIN_WITH_CUDA=1", f"-I{EMU}", f"-I{CSRC}",
+    cmd = ["g++", "-std=c++17", "-O2", "-fopenmp", "-w", "-DRETAIN_WITH_CUDA=1",
+           "-DRETAIN_CPU_CAPABILITY=0", f"-I{EMU}", f"-I{CSRC}",
            str(harness), str(src), *map(str, cpu_sources), "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"building the emulated {kernel.name} failed:\n{done.stderr[-4000:]}"

@@ -36,12 +36,12 @@ void run(int64_t B, int64_t Tn, int64_t D, bool reverse, bool initial, double to
   const std::string tag = "B" + std::to_string(B) + " T" + std::to_string(Tn) + " D" + std::to_string(D) +
                           (reverse ? " reverse" : "") + (initial ? " initial" : "") + (sizeof(T) == 8 ? " f64" : " f32");
   auto hc = nans<T>(n), he = nans<T>(n);
-  linear_recurrence_fwd_cpu<T>(a.data(), x.data(), init, hc.data(), B, Tn, D, reverse, 1);
+  linear_recurrence_fwd_cpu<retain::CpuCapability::Default, T>(a.data(), x.data(), init, hc.data(), B, Tn, D, reverse, 1);
   linear_recurrence_fwd_cuda<T>(a.data(), x.data(), init, he.data(), B, Tn, D, reverse, 0);
   cmp(tag + " h", hc, he, tol);
   auto gxc = nans<T>(n), gac = nans<T>(n), gic = nans<T>(B * D);
   auto gxe = nans<T>(n), gae = nans<T>(n), gie = nans<T>(B * D);
-  linear_recurrence_bwd_cpu<T>(a.data(), hc.data(), init, gh.data(), gxc.data(), gac.data(),
+  linear_recurrence_bwd_cpu<retain::CpuCapability::Default, T>(a.data(), hc.data(), init, gh.data(), gxc.data(), gac.data(),
                                initial ? gic.data() : nullptr, B, Tn, D, reverse, 1);
   linear_recurrence_bwd_cuda<T>(a.data(), hc.data(), init, gh.data(), gxe.data(), gae.data(),
                                 initial ? gie.data() : nullptr, B, Tn, D, reverse, 0);

@@ -74,7 +74,7 @@ void tm_case(int64_t B, int64_t L, int64_t D, bool per_sample, bool masked, unsi
                           (per_sample ? " per-sample" : "") + (masked ? " masked" : "");
   std::vector<double> sum_c = nans<double>(rows), sum_e = nans<double>(rows);
   std::vector<int64_t> cnt_c(rows, -1), cnt_e(rows, -1);
-  tm_loss_fwd_cpu<T, Lab, A>(h.data(), labels.data(), label_row, pos.data(), neg.data(), per_sample, mp, B, L, D,
+  tm_loss_fwd_cpu<retain::CpuCapability::Default, T, Lab, A>(h.data(), labels.data(), label_row, pos.data(), neg.data(), per_sample, mp, B, L, D,
                              sum_c.data(), cnt_c.data(), nullptr, 1);
   tm_loss_fwd_cuda<T, Lab, A>(h.data(), labels.data(), label_row, pos.data(), neg.data(), per_sample, mp, B, L, D,
                               sum_e.data(), cnt_e.data(), 0);
@@ -82,7 +82,7 @@ void tm_case(int64_t B, int64_t L, int64_t D, bool per_sample, bool masked, unsi
   cmp(tag + " row_count", cnt_c, cnt_e, 0.0);
   const double scale = 0.37;
   auto g_c = nans<T>(rows * D), g_e = nans<T>(rows * D);
-  tm_loss_bwd_cpu<T, Lab, A>(h.data(), labels.data(), label_row, pos.data(), neg.data(), per_sample, mp, B, L, D,
+  tm_loss_bwd_cpu<retain::CpuCapability::Default, T, Lab, A>(h.data(), labels.data(), label_row, pos.data(), neg.data(), per_sample, mp, B, L, D,
                              scale, g_c.data(), 1);
   tm_loss_bwd_cuda<T, Lab, A>(h.data(), labels.data(), label_row, pos.data(), neg.data(), per_sample, mp, B, L, D,
                               &scale, g_e.data(), 0);
@@ -104,7 +104,7 @@ void kl_case(int64_t N, int64_t V, double inv_t, bool masked, bool minus_inf, un
                           (masked ? " masked" : "") + (minus_inf ? " -inf" : "");
   auto loss_c = nans<double>(N), lse_c = nans<double>(N), lr_c = nans<double>(N);
   auto loss_e = nans<double>(N), lse_e = nans<double>(N), lr_e = nans<double>(N);
-  kl_imitation_fwd_cpu<T>(z.data(), q.data(), mp, N, V, inv_t, loss_c.data(), lse_c.data(), lr_c.data(), 1);
+  kl_imitation_fwd_cpu<retain::CpuCapability::Default, T>(z.data(), q.data(), mp, N, V, inv_t, loss_c.data(), lse_c.data(), lr_c.data(), 1);
   kl_imitation_fwd_cuda<T>(z.data(), q.data(), mp, N, V, inv_t, loss_e.data(), lse_e.data(), lr_e.data(), 0);
   // the CPU's exp is a polynomial within 2 ulp of expf: float rows agree to a few ulp of log V
   const double tol = sizeof(T) == 8 ? 1e-9 : 1e-4;
@@ -114,7 +114,7 @@ void kl_case(int64_t N, int64_t V, double inv_t, bool masked, bool minus_inf, un
   std::vector<double> g(N);
   for (auto& e : g) e = u(r) - 0.5;
   auto gz_c = nans<T>(N * V), gq_c = nans<T>(N * V), gz_e = nans<T>(N * V), gq_e = nans<T>(N * V);
-  kl_imitation_bwd_cpu<T>(z.data(), q.data(), g.data(), loss_c.data(), lse_c.data(), lr_c.data(), N, V, inv_t,
+  kl_imitation_bwd_cpu<retain::CpuCapability::Default, T>(z.data(), q.data(), g.data(), loss_c.data(), lse_c.data(), lr_c.data(), N, V, inv_t,
                           gz_c.data(), gq_c.data(), 1);
   kl_imitation_bwd_cuda<T>(z.data(), q.data(), g.data(), loss_c.data(), lse_c.data(), lr_c.data(), N, V, inv_t,
                            gz_e.data(), gq_e.data(), 0);
@@ -134,13 +134,13 @@ void feature_case(int64_t N, int64_t D, int p, bool masked, unsigned seed) {
   const std::string tag = std::string("feature ") + name_of<T>() + " N" + std::to_string(N) + " D" +
                           std::to_string(D) + " p" + std::to_string(p) + (masked ? " masked" : "");
   auto loss_c = nans<double>(N), loss_e = nans<double>(N);
-  feature_imitation_fwd_cpu<T>(h.data(), q.data(), mp, N, D, p, loss_c.data(), 1);
+  feature_imitation_fwd_cpu<retain::CpuCapability::Default, T>(h.data(), q.data(), mp, N, D, p, loss_c.data(), 1);
   feature_imitation_fwd_cuda<T>(h.data(), q.data(), mp, N, D, p, loss_e.data(), 0);
   cmp(tag + " loss", loss_c, loss_e, sizeof(T) == 8 ? 1e-10 : 1e-5);
   std::vector<double> g(N);
   for (auto& e : g) e = u(r) - 0.5;
   auto gh_c = nans<T>(N * D), gq_c = nans<T>(N * D), gh_e = nans<T>(N * D), gq_e = nans<T>(N * D);
-  feature_imitation_bwd_cpu<T>(h.data(), q.data(), g.data(), mp, N, D, p, gh_c.data(), gq_c.data(), 1);
+  feature_imitation_bwd_cpu<retain::CpuCapability::Default, T>(h.data(), q.data(), g.data(), mp, N, D, p, gh_c.data(), gq_c.data(), 1);
   feature_imitation_bwd_cuda<T>(h.data(), q.data(), g.data(), mp, N, D, p, gh_e.data(), gq_e.data(), 0);
   cmp(tag + " grad_h", gh_c, gh_e, tol_of<T>());
   cmp(tag + " grad_h_ref", gq_c, gq_e, tol_of<T>());

@@ -83,7 +83,7 @@ template <class T> void run(const Cfg& c, double tol, unsigned seed) {
     p.o = o.o.data(); p.final_S = o.fS.data(); p.final_Z = c.mom ? o.fZ.data() : nullptr; p.states = c.L ? o.st.data() : nullptr;
     p.ckpt_S = o.cS.data(); p.ckpt_Z = c.mom ? o.cZ.data() : nullptr; return p; };
   auto Pc = bind(P, oc), Pe = bind(P, oe);
-  memory_scan_fwd_cpu<T>(Pc, 1);
+  memory_scan_fwd_cpu<retain::CpuCapability::Default, T>(Pc, 1);
   memory_scan_fwd_cuda<T>(Pe, 0);
   char tagb[512];
   snprintf(tagb, sizeof tagb, "[%s B%ld T%ld H%ld K%ld V%ld cu%zu obj%d gate%d log%d rf%d mom%d l2%d init%d L%ld C%ld]",
@@ -111,7 +111,7 @@ template <class T> void run(const Cfg& c, double tol, unsigned seed) {
     G.grad_g = c.gate ? x.g.data() : nullptr; G.grad_eta = c.mom ? x.e.data() : nullptr;
     G.grad_initial_S = c.init ? x.S.data() : nullptr; G.grad_initial_Z = c.init && c.mom ? x.Z.data() : nullptr;
     return G; };
-  memory_scan_bwd_cpu<T>(Pc, gb(gc), 1);
+  memory_scan_bwd_cpu<retain::CpuCapability::Default, T>(Pc, gb(gc), 1);
   const int64_t numel = memory_scan_cuda_work_numel(B, Tn, H, K, V, N, c.C, c.mom, c.gate != 0);
   std::vector<A> work(numel, std::numeric_limits<A>::quiet_NaN());
   memory_scan_bwd_cuda<T>(Pe, gb(ge), work.data(), numel, 0);

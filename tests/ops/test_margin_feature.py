@@ -20,6 +20,9 @@ from retain.ops.margin import _ops
 from retain.ops.margin import reference as ref
 from tests.helpers import KERNEL_DTYPES, assert_close
 
+# Kernel tests: each runs under every CPU capability this machine supports (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 F64 = torch.float64
 REDUCTIONS = ["mean", "sum", "none"]
 CUDA = torch.cuda.is_available() and _native.has_kernel("feature_imitation", "cuda")

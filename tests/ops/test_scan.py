@@ -18,6 +18,9 @@ from retain.ops.scan import _ops
 from retain.ops.scan.reference import linear_recurrence_ref
 from tests.helpers import DEVICES, KERNEL_DTYPES, assert_close
 
+# Kernel tests: each runs under every CPU capability this machine supports (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
 OP = "retain.ops.linear_recurrence"
 
 
