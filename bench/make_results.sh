@@ -5,7 +5,7 @@
 # `noisy` flags and the before/after ceilings in the .md files, and rerun a file that has them.
 #
 #   bash bench/make_results.sh            # everything
-#   bash bench/make_results.sh default    # one of: default sweep cold plot
+#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 R=bench/results
@@ -34,4 +34,21 @@ if [[ $what == all || $what == cold ]]; then
 fi
 if [[ $what == all || $what == memory ]]; then
   python bench/scan/peak_memory.py --T 8192 --out $R/gated_delta_rule_peak_memory.md
+fi
+# Each build of the CPU kernels side by side (--cpu-capability all), and each of the lower builds
+# against numba compiled for the same instruction set (NUMBA_CPU_NAME: haswell = AVX2 + FMA,
+# x86-64 = the SSE2 baseline, as LLVM's auto-vectoriser leaves the same loop).
+if [[ $what == all || $what == capability ]]; then
+  for op in gated_delta_rule linear_recurrence; do
+    run --op $op --impl retain,compile,numba --cpu-capability all \
+      --json $R/${op}_cpu_capabilities.json --markdown $R/${op}_cpu_capabilities.md
+    RETAIN_CPU_CAPABILITY=avx2 NUMBA_CPU_NAME=haswell run --op $op --impl retain,numba \
+      --json $R/${op}_cpu_avx2_numba_haswell.json --markdown $R/${op}_cpu_avx2_numba_haswell.md
+    RETAIN_CPU_CAPABILITY=default NUMBA_CPU_NAME=x86-64 run --op $op --impl retain,numba \
+      --json $R/${op}_cpu_default_numba_x86-64.json --markdown $R/${op}_cpu_default_numba_x86-64.md
+  done
+  for op in tm_loss kl_imitation feature_imitation; do
+    run --op $op --impl retain,retain-packed,compile --cpu-capability all \
+      --json $R/${op}_cpu_capabilities.json --markdown $R/${op}_cpu_capabilities.md
+  done
 fi

@@ -238,6 +238,8 @@ def machine_facts(device: str) -> dict[str, Any]:
     for dist in ("numpy", "numba", "assoc-scan", "accelerated-scan"):
         with contextlib.suppress(PackageNotFoundError):
             facts[dist] = version(dist)
+    if "numba" in facts:  # the instruction set numba compiles for (LLVM's name for the CPU)
+        facts["numba"] += f" (NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', 'host')})"
     return facts
 
 
