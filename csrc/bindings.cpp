@@ -210,6 +210,24 @@ PYBIND11_MODULE(_C, m) {
   }
   m.attr("cpu_capabilities_compiled") = compiled;
 
+  // Codes and limits Python passes or checks, defined once (here and in the headers they name).
+  py::dict dtype_codes;
+  for (auto d : {retain::DType::Float32, retain::DType::Float64, retain::DType::BFloat16, retain::DType::Float16}) {
+    dtype_codes[retain::dtype_name(d)] = static_cast<int>(d);
+  }
+  m.attr("dtype_codes") = dtype_codes;
+  py::dict objectives, gate_kinds;
+  namespace sc = retain::scan;
+  for (auto o : {sc::Objective::Dot, sc::Objective::L2, sc::Objective::Lp, sc::Objective::Huber}) {
+    objectives[sc::objective_name(o)] = static_cast<int>(o);
+  }
+  for (auto g : {sc::GateKind::None, sc::GateKind::PerHead, sc::GateKind::PerKey}) {
+    gate_kinds[sc::gate_kind_name(g)] = static_cast<int>(g);
+  }
+  m.attr("memory_scan_objectives") = objectives;
+  m.attr("memory_scan_gate_kinds") = gate_kinds;
+  m.attr("memory_scan_cuda_max_k") = sc::kMemoryScanCudaMaxK;
+
   // Each family lists its kernels per device; Python reads this to report capabilities.
   py::dict kernels;
   py::list lr_devices;

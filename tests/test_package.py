@@ -119,3 +119,20 @@ def test_retain_version_and_info_name_the_cpu():
     cpu = retain.capabilities()["cpu"]
     assert f"CPU: {cpu['model']}, {cpu['cores']} cores" in info.stdout
     assert f"CPU kernels: capability {retain.cpu_capability()} (this CPU supports up to {cpu['supported']}" in info.stdout
+
+
+def test_python_reads_the_native_codes_and_limits():
+    """Codes and limits are defined once, in C++, and Python uses the exported ones."""
+    from retain import _native
+    from retain.ops.scan import _ops as scan_ops
+    from retain.ops.scan import reference as scan_ref
+
+    C = _native.lib()
+    assert {str(d).replace("torch.", "") for d in _native.KERNEL_DTYPES} == set(C.dtype_codes)
+    assert {str(d).replace("torch.", ""): c for d, c in _native.DTYPE_CODES.items()} == dict(C.dtype_codes)
+    assert scan_ops.OBJECTIVE_CODES == dict(C.memory_scan_objectives)
+    assert tuple(C.memory_scan_objectives) == scan_ref.OBJECTIVES  # the API's names are the kernel's
+    assert scan_ops.GATE_CODES == dict(C.memory_scan_gate_kinds) and set(C.memory_scan_gate_kinds) == {
+        "none", "head", "key"}
+    # the documented CUDA head-size limit is the kernel's
+    assert f"on CUDA K up to {C.memory_scan_cuda_max_k}" in " ".join(retain.ops.memory_scan.__doc__.split())

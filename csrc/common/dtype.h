@@ -10,7 +10,8 @@
 
 namespace retain {
 
-// Codes shared with python/retain/_native.py (DTYPE_CODES); keep the two in step.
+// Codes Python passes with every kernel call: exported by bindings.cpp as retain._C.dtype_codes
+// (keyed by dtype_name), which python/retain/_native.py reads into DTYPE_CODES.
 enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 
 inline const char* dtype_name(DType d) {

@@ -15,6 +15,9 @@
 #if !defined(RETAIN_CPU_CAPABILITY)
 #error "common/vec.h is for CPU kernel translation units, compiled once per capability (CMakeLists.txt)"
 #endif
+#if defined(__SSE2__)
+#include <immintrin.h>  // movemask only (vmask_bits); everything else is vector extensions
+#endif
 
 namespace retain {
 // Each capability's vector types are distinct types: the same names in one program must not
@@ -59,6 +62,28 @@ RETAIN_FORCE_INLINE void vstore(A* p, typename Vec<A>::type v) {
 template <typename A>
 RETAIN_FORCE_INLINE typename Vec<A>::type vsplat(A x) {
   return typename Vec<A>::type{} + x;
+}
+
+// Bit l set where lane l of a float comparison (lanes -1 / 0) is true: one movemask on x86.
+using VM = Vec<float>::itype;
+RETAIN_FORCE_INLINE uint32_t vmask_bits(VM m) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  return _mm512_movepi32_mask((__m512i)m);
+#elif defined(__AVX__)
+  return static_cast<uint32_t>(_mm256_movemask_ps((__m256)m));
+#elif defined(__SSE2__)
+  return static_cast<uint32_t>(_mm_movemask_ps((__m128)m));
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < kVecBytes / 4; ++l) bits |= static_cast<uint32_t>(m[l] & 1) << l;
+  return bits;
+#endif
+}
+// The inverse: lane l is -1 where bit l of `bits` is set, else 0.
+RETAIN_FORCE_INLINE VM vbits_mask(uint32_t bits) {
+  VM lane_bit;
+  for (int l = 0; l < kVecBytes / 4; ++l) lane_bit[l] = int32_t{1} << l;
+  return ((VM{} + static_cast<int32_t>(bits)) & lane_bit) != 0;
 }
 
 template <typename A>

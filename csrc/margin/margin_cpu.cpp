@@ -253,15 +253,9 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
         vs += e;
         vc += e > 0.0f ? one : zero;
         if (bits) {
-          // lanes of -1 / 0 into bits d % 16 .. of the block's two words (zeroed above)
-          const auto above = x > iv.hi, below = x < iv.lo;
-          uint16_t a = 0, bl = 0;
-          for (int l = 0; l < kFloatLanes; ++l) {
-            a |= static_cast<uint16_t>((above[l] & 1) << l);
-            bl |= static_cast<uint16_t>((below[l] & 1) << l);
-          }
-          bits[2 * (d / 16)] |= static_cast<uint16_t>(a << (d % 16));
-          bits[2 * (d / 16) + 1] |= static_cast<uint16_t>(bl << (d % 16));
+          // into bits d % 16 .. of the 16-element block's two words (zeroed above)
+          bits[2 * (d / 16)] |= static_cast<uint16_t>(vmask_bits(x > iv.hi) << (d % 16));
+          bits[2 * (d / 16) + 1] |= static_cast<uint16_t>(vmask_bits(x < iv.lo) << (d % 16));
         }
       }
       sum += vsum<float>(vs);
@@ -345,23 +339,29 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* __restrict bits = slope_bits + r * W;
     float* __restrict g = row.data();
-    int64_t d0 = 0;  // elements done by the AVX-512 loop (float: written to the output itself)
+    int64_t done = 0;  // elements done by the AVX-512 loop (float: written to the output itself)
 #ifdef RETAIN_TM_AVX512
     {
       if constexpr (std::is_same_v<T, float>) {
-        d0 = tm_bits_row_avx512(bits, D, scale, grad + r * D, stream);
+        done = tm_bits_row_avx512(bits, D, scale, grad + r * D, stream);
       } else {
-        d0 = tm_bits_row_avx512(bits, D, scale, g, false);
+        done = tm_bits_row_avx512(bits, D, scale, g, false);
       }
     }
 #endif
-    for (int64_t d = d0; d < D; ++d) {
+    const VF plus = vsplat(scale), minus = -plus, zero{};
+    int64_t d = done;
+    for (; d + kFloatLanes <= D; d += kFloatLanes) {  // lanes never straddle a 16-element block
+      const uint32_t p = bits[2 * (d / 16)] >> (d % 16), n = bits[2 * (d / 16) + 1] >> (d % 16);
+      vstore(g + d, (vbits_mask(p) ? plus : zero) + (vbits_mask(n) ? minus : zero));
+    }
+    for (; d < D; ++d) {
       const int l = static_cast<int>(d % 16);
       g[d] = static_cast<float>((bits[2 * (d / 16)] >> l) & 1) * scale -
              static_cast<float>((bits[2 * (d / 16) + 1] >> l) & 1) * scale;
     }
-    if (std::is_same_v<T, float> && d0 > 0) {
-      store_row(grad + r * D + d0, g + d0, D - d0, stream);
+    if (std::is_same_v<T, float> && done > 0) {
+      store_row(grad + r * D + done, g + done, D - done, stream);
     } else {
       store_row(grad + r * D, g, D, stream);
     }

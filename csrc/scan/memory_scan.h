@@ -10,12 +10,33 @@
 
 namespace retain::scan {
 
-// Codes shared with python/retain/ops/scan/_memory_ops.py.
+// Codes Python passes (exported by bindings.cpp as retain._C.memory_scan_objectives / _gate_kinds,
+// keyed by the names below, which are the Python API's).
 enum class Objective : int { Dot = 0, L2 = 1, Lp = 2, Huber = 3 };
 enum class GateKind : int { None = 0, PerHead = 1, PerKey = 2 };
 
+inline const char* objective_name(Objective o) {
+  switch (o) {
+    case Objective::Dot: return "dot";
+    case Objective::L2: return "l2";
+    case Objective::Lp: return "lp";
+    case Objective::Huber: return "huber";
+  }
+  return "unknown";
+}
+// g's layout: absent, [B, T, H] (one retention per head) or [B, T, H, K] (per key row of S).
+inline const char* gate_kind_name(GateKind g) {
+  switch (g) {
+    case GateKind::None: return "none";
+    case GateKind::PerHead: return "head";
+    case GateKind::PerKey: return "key";
+  }
+  return "unknown";
+}
+
 // Largest K the CUDA kernel takes (KR <= 32 rows of a column per thread, KS <= 8 threads per
-// column); python/retain/ops/scan/_memory.py checks it first (CUDA_MAX_HEAD_DIM_K).
+// column); exported as retain._C.memory_scan_cuda_max_k, which python/retain/ops/scan/_memory.py
+// checks first.
 constexpr int64_t kMemoryScanCudaMaxK = 256;
 
 // The attentional-bias gradient psi(e) of each objective and its derivative d psi / d e.

@@ -19,9 +19,9 @@ except ImportError as exc:  # pragma: no cover - exercised by test_package via a
     _C = None
     _LOAD_ERROR = exc
 
-# Must match retain::DType in csrc/common/dtype.h.
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-KERNEL_DTYPES = tuple(DTYPE_CODES)
+# The dtypes the kernels take, and their codes as the native module defines them (dtype.h).
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+DTYPE_CODES = {getattr(torch, name): code for name, code in _C.dtype_codes.items()} if _C is not None else {}
 
 REBUILD_HINT = (
     "Reinstall retain (pip install --force-reinstall retain) or rebuild it from source with "
@@ -41,6 +41,12 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     if poison_outputs and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def fake_empty_like(t: torch.Tensor) -> torch.Tensor:
+    """What an op's fake returns for an output :func:`empty_like` makes: contiguous, like ``t``
+    in shape, dtype and device (never poisoned: fakes have no data)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def native_available() -> bool:

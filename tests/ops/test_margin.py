@@ -107,10 +107,16 @@ def test_pack_unpack_roundtrip_and_storage(D):
     assert packed.dtype == torch.uint8 and packed.shape == (2, 3, (D + 3) // 4)
     labels = unpack_tm_labels(packed, D)
     assert torch.equal(labels, ref.tm_labels_ref(refs, pos, neg))
-    # a 563 x 4096 GeRe sample: 16x smaller than its float32 activations
-    if D == 4097:
-        per_sample_bytes = 563 * ((4096 + 3) // 4)
-        assert 563 * 4096 * 4 / per_sample_bytes == 16
+
+
+def test_packed_labels_of_a_gere_sample_are_16x_smaller_than_its_activations():
+    # a 563-token x 4096-feature reference, packed as GeRe stores it
+    refs = torch.randn(563, 4096, generator=torch.Generator().manual_seed(1))
+    pos, neg = refs.mean(0) + refs.std(0), refs.mean(0) - refs.std(0)
+    packed = pack_tm_labels(refs, pos, neg)
+    assert packed.nbytes == 576_512
+    assert refs.nbytes == 16 * packed.nbytes
+    assert torch.equal(unpack_tm_labels(packed, 4096), ref.tm_labels_ref(refs, pos, neg))
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
@@ -179,6 +185,9 @@ def test_tm_loss_opcheck():
     assert bits.shape == (6, 2) and bits.dtype == torch.int16
     torch.library.opcheck(_ops.tm_loss_backward_op, (torch.ones(()), denom, h.detach(), *args[1:5]))
     torch.library.opcheck(_ops.tm_loss_backward_bits_op, (torch.ones(()), denom, bits, h.detach()))
+    # h gives the gradient's shape only: with strided h the fake must still say "contiguous"
+    strided = h.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    torch.library.opcheck(_ops.tm_loss_backward_bits_op, (torch.ones(()), denom, bits, strided))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

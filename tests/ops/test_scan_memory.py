@@ -119,6 +119,16 @@ def test_memory_scan_l2norm_and_scale(use_qk_l2norm, scale):
     check_memory_scan(case, use_qk_l2norm=use_qk_l2norm, scale=scale)
 
 
+def test_memory_scan_l2norm_epsilon_is_the_references():
+    # |q|^2 and |k|^2 of a few 1e-6: the kernel's epsilon (C++) must be the reference's L2NORM_EPS
+    case = make_case(K=4, seed=7)
+    with torch.no_grad():
+        case["q"].mul_(1e-3)
+        case["k"].mul_(1e-3)
+    assert case["q"][0, 0, 0].square().sum() < 10 * ref.L2NORM_EPS
+    check_memory_scan(case, use_qk_l2norm=True)
+
+
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
 def test_memory_scan_checkpoint_boundaries(T):
     # checkpoints every 64 steps for this K*V: the backward recomputes chunk by chunk
@@ -395,7 +405,6 @@ def test_named_op_errors_name_the_named_op():
     c = _bad()
     with pytest.raises(ValueError, match=r"retain\.ops\.gated_delta_rule: g must have shape"):
         gated_delta_rule(c["q"], c["k"], c["v"], torch.zeros(3, dtype=F64), c["beta"])
-    assert _memory.MAX_HEAD_DIM == 1024
 
 
 # CUDA kernel (memory_scan_cuda.cu) --------------------------------------------------------------

@@ -13,6 +13,7 @@ from retain.ops.scan.reference import (
     LP_EPS,
     delta_rule_ref,
     gated_delta_rule_ref,
+    l2norm_ref,
     linear_attn_ref,
     lp_psi_ref,
     memory_scan_ref,
@@ -72,8 +73,14 @@ def direct_scan(q, k, v, beta, *, g=None, a=None, eta=None, objective="l2", p=3.
     return o, S_out, Z_out
 
 
-def test_documented_constants():
-    assert LP_EPS == 1e-6 and L2NORM_EPS == 1e-6
+def test_the_smoothing_constants_act_as_documented():
+    # l2norm: x / sqrt(|x|^2 + L2NORM_EPS); with |x|^2 = L2NORM_EPS the norm is sqrt(2 L2NORM_EPS)
+    x = torch.full((4,), (L2NORM_EPS / 4) ** 0.5, dtype=torch.float64)
+    assert_close(l2norm_ref(x), x / (2 * L2NORM_EPS) ** 0.5)
+    # lp: psi(e) = p e (e^2 + LP_EPS)^((p-2)/2), so psi'(0) = p LP_EPS^((p-2)/2)
+    e = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(lp_psi_ref(e, 3.0), e)
+    assert_close(slope, torch.tensor(3.0 * LP_EPS ** 0.5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("gate", ["none", "head", "key"])

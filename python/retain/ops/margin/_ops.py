@@ -96,7 +96,7 @@ def tm_loss_backward_bits_op(grad: Tensor, denom: Tensor, slope_bits: Tensor, h:
 
 @tm_loss_backward_bits_op.register_fake
 def _(grad, denom, slope_bits, h):
-    return torch.empty_like(h)
+    return _native.fake_empty_like(h)
 
 
 @torch.library.custom_op("retain::tm_loss_backward", mutates_args=())
@@ -125,7 +125,7 @@ def tm_loss_backward_op(grad: Tensor, denom: Tensor, h: Tensor, labels: Tensor, 
 
 @tm_loss_backward_op.register_fake
 def _(grad, denom, h, labels, pos_thr, neg_thr, mask):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
+    return _native.fake_empty_like(h)
 
 
 def _threshold_grads(grad, denom, h, labels, pos_thr, neg_thr, mask):
@@ -224,7 +224,7 @@ def kl_imitation_backward_op(grad: Tensor, loss: Tensor, lse: Tensor, lse_ref: T
 
 @kl_imitation_backward_op.register_fake
 def _(grad, loss, lse, lse_ref, z, z_ref, inv_t, need_z, need_z_ref):
-    return (torch.empty_like(z) if need_z else z.new_empty(0), torch.empty_like(z_ref) if need_z_ref else z.new_empty(0))
+    return (_native.fake_empty_like(z) if need_z else z.new_empty(0), _native.fake_empty_like(z_ref) if need_z_ref else z.new_empty(0))
 
 
 def _kl_setup_context(ctx, inputs, output):
@@ -297,7 +297,7 @@ def kl_imitation_reduced_op(z: Tensor, z_ref: Tensor, mask: Tensor | None, inv_t
 def _(z, z_ref, mask, inv_t, mean, need_z, need_z_ref):
     rows = [z.new_empty(z.shape[0], dtype=torch.float64) for _ in range(3)]
     return (z.new_empty((), dtype=torch.float64), *rows, z.new_empty((), dtype=torch.float64),
-            torch.empty_like(z) if need_z else z.new_empty(0), torch.empty_like(z_ref) if need_z_ref else z.new_empty(0))
+            _native.fake_empty_like(z) if need_z else z.new_empty(0), _native.fake_empty_like(z_ref) if need_z_ref else z.new_empty(0))
 
 
 def _kl_reduced_setup_context(ctx, inputs, output):
@@ -386,8 +386,8 @@ def feature_imitation_backward_op(grad: Tensor, h: Tensor, h_ref: Tensor, mask: 
 
 @feature_imitation_backward_op.register_fake
 def _(grad, h, h_ref, mask, p, need_h, need_h_ref):
-    return (torch.empty_like(h) if need_h else h.new_empty(0),
-            torch.empty_like(h_ref) if need_h_ref else h.new_empty(0))
+    return (_native.fake_empty_like(h) if need_h else h.new_empty(0),
+            _native.fake_empty_like(h_ref) if need_h_ref else h.new_empty(0))
 
 
 def _feature_setup_context(ctx, inputs, output):
@@ -439,8 +439,8 @@ def feature_imitation_reduced_op(h: Tensor, h_ref: Tensor, mask: Tensor | None, 
 @feature_imitation_reduced_op.register_fake
 def _(h, h_ref, mask, p, mean, need_h, need_h_ref):
     return (h.new_empty((), dtype=torch.float64), h.new_empty(h.shape[0], dtype=torch.float64),
-            h.new_empty((), dtype=torch.float64), torch.empty_like(h) if need_h else h.new_empty(0),
-            torch.empty_like(h_ref) if need_h_ref else h.new_empty(0))
+            h.new_empty((), dtype=torch.float64), _native.fake_empty_like(h) if need_h else h.new_empty(0),
+            _native.fake_empty_like(h_ref) if need_h_ref else h.new_empty(0))
 
 
 def _feature_reduced_setup_context(ctx, inputs, output):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from retain import _native
 from retain.ops._checks import check_floating, check_same, check_shape, check_tensor, kernel_device
 from retain.ops.scan import reference
 from retain.ops.scan._ops import OBJECTIVE_CODES, acc_dtype, memory_scan_op
+from retain.ops.scan.reference import OBJECTIVES
 
 MAX_HEAD_DIM = 1024  # K and V beyond this are rejected: a chunk of checkpointed states would not fit cache
-CUDA_MAX_K = 256  # the CUDA kernel keeps a column of S in registers: K rows over at most 8 threads of 32 rows
 
 
 def _as_gate(op: str, name: str, x, ref: Tensor, shape) -> Tensor | None:
@@ -53,8 +54,10 @@ def _memory_scan(op, q, k, v, beta, *, g=None, eta=None, objective="l2", p=3.0, 
     for name, size in (("K", K), ("V", V)):
         if not 1 <= size <= MAX_HEAD_DIM:
             raise ValueError(f"{op}: head dimension {name} must be in [1, {MAX_HEAD_DIM}], got {size}")
-    if q.device.type == "cuda" and K > CUDA_MAX_K and kernel_device("memory_scan", q) is not None:
-        raise ValueError(f"{op}: head dimension K must be <= {CUDA_MAX_K} for CUDA tensors (the fused-recurrent "
+    # the CUDA kernel keeps a column of S in registers: K rows over at most 8 threads of 32 rows
+    if q.device.type == "cuda" and kernel_device("memory_scan", q) is not None and K > (
+            cuda_max_k := _native.lib().memory_scan_cuda_max_k):
+        raise ValueError(f"{op}: head dimension K must be <= {cuda_max_k} for CUDA tensors (the fused-recurrent "
                          f"kernel holds a column of the state in registers), got {K}; run on the CPU or split the "
                          "keys into heads")
     beta = _as_gate(op, "beta", beta, q, (B, T, H))
@@ -65,8 +68,8 @@ def _memory_scan(op, q, k, v, beta, *, g=None, eta=None, objective="l2", p=3.0, 
         if tuple(g.shape) not in ((B, T, H), (B, T, H, K)):
             raise ValueError(f"{op}: g must have shape {(B, T, H)} (per head) or {(B, T, H, K)} (per key), "
                              f"got {tuple(g.shape)}")
-    if objective not in OBJECTIVE_CODES:
-        raise ValueError(f"{op}: objective must be one of {tuple(OBJECTIVE_CODES)}, got {objective!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{op}: objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "lp" and not p >= 1.0:
         raise ValueError(f"{op}: p must be >= 1 for objective 'lp', got {p}")
     if objective == "huber" and not delta > 0.0:

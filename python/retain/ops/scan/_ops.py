@@ -48,7 +48,7 @@ def linear_recurrence_op(a: Tensor, x: Tensor, initial: Tensor | None, reverse: 
 
 @linear_recurrence_op.register_fake
 def _(a: Tensor, x: Tensor, initial: Tensor | None, reverse: bool) -> Tensor:
-    return _empty_like(x)
+    return _native.fake_empty_like(x)
 
 
 @torch.library.custom_op("retain::linear_recurrence_backward", mutates_args=())
@@ -79,11 +79,7 @@ def linear_recurrence_backward_op(
 
 @linear_recurrence_backward_op.register_fake
 def _(grad_h, a, h, initial, reverse, need_grad_a):
-    return _grad_buffers(h, initial, need_grad_a, _empty_like)
-
-
-def _empty_like(t: Tensor) -> Tensor:
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return _grad_buffers(h, initial, need_grad_a, _native.fake_empty_like)
 
 
 def _grad_buffers(h, initial, need_grad_a, empty):
@@ -133,8 +129,9 @@ linear_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
 
 # memory_scan ---------------------------------------------------------------------------------
 
-OBJECTIVE_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}  # retain::scan::Objective
-GATE_CODES = {None: 0, "head": 1, "key": 2}  # retain::scan::GateKind
+# The native module's codes (csrc/scan/memory_scan.h), by the Python API's names.
+OBJECTIVE_CODES = dict(_native._C.memory_scan_objectives) if _native._C is not None else {}
+GATE_CODES = dict(_native._C.memory_scan_gate_kinds) if _native._C is not None else {}
 LP_EPS = reference.LP_EPS
 CKPT_BYTES = 1 << 21  # the backward recomputes one chunk of C states: C*K*V*bytes <= 2 MiB
 
@@ -179,7 +176,7 @@ def _ms_outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, emp
 def _ms_params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
                retention_first, gate_log, states_every, states_rows):
     K = q.shape[-1]
-    gate_kind = 0 if g is None else (1 if g.dim() == 3 else 2)
+    gate_kind = GATE_CODES["none" if g is None else ("head" if g.dim() == 3 else "key")]
     d = _ms_shapes(q, v, cu_seqlens, states_every, states_rows, checkpoint_every(K, v.shape[-1], q.dtype))
     d.update(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), beta=beta.data_ptr(), g=_ptr(g), eta=_ptr(eta),
              initial_S=_ptr(initial_S), initial_Z=_ptr(initial_Z), cu_seqlens=_ptr(cu_seqlens),
@@ -230,7 +227,7 @@ def memory_scan_op(
 @memory_scan_op.register_fake
 def _(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
       retention_first, gate_log, states_every, states_rows, save_ckpt):
-    return _ms_outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, _empty_like)
+    return _ms_outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, _native.fake_empty_like)
 
 
 @torch.library.custom_op("retain::memory_scan_backward", mutates_args=())
@@ -292,11 +289,7 @@ def _ms_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, empty):
 @memory_scan_backward_op.register_fake
 def _(grad_o, grad_final_S, grad_final_Z, grad_states, q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens,
       ckpt_S, ckpt_Z, objective, p, delta, scale, l2norm, retention_first, gate_log, states_every, states_rows):
-    return _ms_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, _empty_like)
-
-
-_MS_SCALARS = ("objective", "p", "delta", "scale", "l2norm", "retention_first", "gate_log", "states_every",
-               "states_rows")
+    return _ms_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, _native.fake_empty_like)
 
 
 def _ms_setup_context(ctx, inputs, output):
