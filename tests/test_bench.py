@@ -186,3 +186,22 @@ def test_gated_delta_rule_case_runs_every_installed_implementation():
             assert by[impl, d]["status"] == "ok", by[impl, d]
     assert by["retain", "fwd"]["gflops"] > 0
     assert by["numba", "fwd+bwd"]["status"].startswith(("unsupported", "not installed"))
+
+
+def test_python_m_retain_bench_sees_every_registered_case():
+    proc = subprocess.run([sys.executable, "-m", "retain.bench", "--list"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split(" ", 1)[0] for line in proc.stdout.splitlines() if not line.startswith(" ")]
+    assert sorted(listed) == sorted(bench.REGISTRY) and len(listed) >= 6
+
+
+@pytest.mark.parametrize("op", list(bench.REGISTRY))
+def test_every_registered_case_runs_at_its_small_size(op):
+    """retain, the eager reference and torch.compile forms of each case, checked against retain."""
+    case = bench.REGISTRY[op]
+    impls = [n for n in case.impls if n.startswith("retain") or n in ("eager", case.baseline)]
+    recs = bench.run_case(case, case.sizes["small"], "cpu", impls=impls, reps=1, min_reps=1, budget_s=0)
+    assert {r["impl"] for r in recs} == set(impls)
+    bad = [(r["impl"], r["direction"], r["status"]) for r in recs if r["status"] != "ok"]
+    assert not bad, bad
