@@ -66,13 +66,31 @@ RETAIN_FORCE_INLINE const int8_t* row_labels(const uint8_t* labels, int64_t labe
 template <typename T>
 constexpr bool kVectorTm = !std::is_same_v<T, double>;
 
+// The hardware prefetchers alone leave a row loop at about half the read bandwidth: fetch the
+// same 64 elements of the next row (h and labels) one row ahead (prefetches never fault, so the
+// last row's reach past the end is harmless). Every build's row loops call it once per 64
+// elements.
+template <typename T, typename Lab>
+RETAIN_FORCE_INLINE void prefetch_next_row(const T* h, const Lab* lab, int64_t D) {
+  const char* hn = reinterpret_cast<const char*>(h + D);
+  for (int64_t b = 0; b < int64_t{64 * sizeof(T)}; b += 64) __builtin_prefetch(hn + b);
+  // the next row's labels: D int8, or D / 4 packed bytes (the caller passes label_row elements)
+  __builtin_prefetch(lab);
+}
+// Element d's place in the next row's labels (int8: d; packed: byte d / 4).
+template <typename Lab>
+RETAIN_FORCE_INLINE int64_t label_offset(int64_t d) {
+  return std::is_same_v<Lab, uint8_t> ? d / 4 : d;
+}
+
 struct TmInterval {
   VF lo, hi;
   RETAIN_FORCE_INLINE TmInterval(const int8_t* lab, const float* p, const float* n) {
-    const VF l = vload_f(lab);
+    const VM l = vload_i(lab);  // integer compares: no conversion of the labels to floats
     const VF P = vload(p), N = vload(n);
-    lo = l > 0.0f ? P : (l < 0.0f ? vsplat(-INFINITY) : N);
-    hi = l < 0.0f ? N : (l > 0.0f ? vsplat(INFINITY) : P);
+    const VM pos = l > 0, neg = l < 0;
+    lo = pos ? P : (neg ? vsplat(-INFINITY) : N);
+    hi = neg ? N : (pos ? vsplat(INFINITY) : P);
   }
 };
 
@@ -97,17 +115,6 @@ RETAIN_AVX512 __m512 load16(const bf16_t* p) {
 }
 RETAIN_AVX512 __m512 load16(const f16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// The hardware prefetchers alone leave a row loop at about half the read bandwidth: fetch the
-// same 64 elements of the next row (h and labels) one row ahead (prefetches never fault, so the
-// last row's reach past the end is harmless).
-template <typename T, typename Lab>
-RETAIN_AVX512 void prefetch_next_row(const T* h, const Lab* lab, int64_t D) {
-  const char* hn = reinterpret_cast<const char*>(h + D);
-  for (int64_t b = 0; b < int64_t{64 * sizeof(T)}; b += 64) _mm_prefetch(hn + b, _MM_HINT_T0);
-  // the next row's labels: D int8, or D / 4 packed bytes (the caller passes label_row elements)
-  _mm_prefetch(reinterpret_cast<const char*>(lab), _MM_HINT_T0);
 }
 
 // Label masks (> 0, < 0) of elements d .. d + 63 of a row: int8 labels by a byte compare; packed
@@ -149,7 +156,7 @@ int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
   const int64_t D64 = D / 64 * 64;
   const Lab* lab_next = lab + label_row;
   for (int64_t d = 0; d < D64; d += 64) {
-    prefetch_next_row(h + d, lab_next + (std::is_same_v<Lab, uint8_t> ? d / 4 : d), D);
+    prefetch_next_row(h + d, lab_next + label_offset<Lab>(d), D);
     __mmask64 kp, kn;
     label_masks(lab, d, kp, kn);
     for (int j = 0; j < 4; ++j) {
@@ -183,7 +190,7 @@ int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
   const int64_t D64 = D / 64 * 64;
   const Lab* lab_next = lab + label_row;
   for (int64_t d = 0; d < D64; d += 64) {
-    prefetch_next_row(h + d, lab_next + (std::is_same_v<Lab, uint8_t> ? d / 4 : d), D);
+    prefetch_next_row(h + d, lab_next + label_offset<Lab>(d), D);
     __mmask64 kp, kn;
     label_masks(lab, d, kp, kn);
     for (int j = 0; j < 4; ++j) {
@@ -245,7 +252,9 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
     if constexpr (kVectorTm<T>) {
       VF vs{}, vc{};
       const VF zero{}, one = vsplat(1.0f);
+      const Lab* lab_next = labels + (r + 1) * label_row;
       for (int64_t d = d0; d < Dv; d += kFloatLanes) {
+        if (d % 64 == 0) prefetch_next_row(hr + d, lab_next + label_offset<Lab>(d), D);
         const TmInterval iv(lr + d, p + d, n + d);
         const VF x = vload_f(hr + d);
         const VF below = iv.lo - x, above = x - iv.hi;
@@ -314,7 +323,9 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
     const int8_t* __restrict lr = d0 < D ? row_labels(labels, label_row, r, D, scratch.data()) : nullptr;
     if constexpr (kVectorTm<T>) {
       const VF zero{}, plus = vsplat(static_cast<float>(scale)), minus = -plus;
+      const Lab* lab_next = labels + (r + 1) * label_row;
       for (int64_t d = d0; d < Dv; d += kFloatLanes) {
+        if (d % 64 == 0) prefetch_next_row(hr + d, lab_next + label_offset<Lab>(d), D);
         const TmInterval iv(lr + d, p + d, n + d);
         const VF x = vload_f(hr + d);
         vstore(g + d, (x > iv.hi ? plus : zero) + (x < iv.lo ? minus : zero));
