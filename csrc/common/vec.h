@@ -119,7 +119,10 @@ typedef int16_t i16xF __attribute__((vector_size(kVecBytes / 2)));
 // (AVX2 and AVX-512: one vpmovsxbd; GCC 12 splits the generic form into nine instructions there.)
 RETAIN_FORCE_INLINE VM vload_i(const int8_t* p) {
 #if defined(__AVX512F__)
-  return (VM)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  // the zero-masked form: the plain one starts from _mm512_undefined_epi32, which GCC 12 reports
+  // as maybe-uninitialised
+  return (VM)_mm512_maskz_cvtepi8_epi32(static_cast<__mmask16>(0xFFFF),
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #elif defined(__AVX2__)
   return (VM)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 #else
