@@ -204,10 +204,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_capability",
         [](const std::string& name) { retain::set_cpu_capability(retain::parse_cpu_capability(name)); },
         "Run later kernel calls with the named capability; ValueError when the CPU or the build lacks it.");
-  py::list compiled;
-  for (auto c : {retain::CpuCapability::Default, retain::CpuCapability::Avx2, retain::CpuCapability::Avx512}) {
+  py::list names, compiled;  // lowest first
+  for (auto c : retain::kCpuCapabilities) {
+    names.append(retain::cpu_capability_name(c));
     if (retain::cpu_capability_compiled(c)) compiled.append(retain::cpu_capability_name(c));
   }
+  m.attr("cpu_capability_names") = names;
   m.attr("cpu_capabilities_compiled") = compiled;
 
   // Codes and limits Python passes or checks, defined once (here and in the headers they name).
@@ -281,8 +283,8 @@ PYBIND11_MODULE(_C, m) {
         auto* counts = retain::as_mut_ptr<int64_t>(row_count, kTmLoss, "row_count", B * L == 0);
         auto* bits = retain::as_mut_ptr<uint16_t>(slope_bits, kTmLoss, "slope_bits", true);
         tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D, [&](auto hp, auto lp, auto pp, auto np, auto mp) {
-          RETAIN_CPU(retain::margin::tm_loss_fwd_cpu)(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums, counts, bits,
-                                          nthreads);
+          RETAIN_CPU(retain::margin::tm_loss_fwd_cpu)(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums,
+                                                      counts, bits, nthreads);
         });
       },
       nogil);
@@ -296,8 +298,8 @@ PYBIND11_MODULE(_C, m) {
           if constexpr (std::is_same_v<scalar_t, double>) {
             retain::check(false, kTmLoss, "slope bits are kept for float32/bfloat16/float16 only");
           } else {
-            RETAIN_CPU(retain::margin::tm_loss_bwd_bits_cpu)(bits, rows, D, scale,
-                                                 retain::as_mut_ptr<scalar_t>(grad, kTmLoss, "grad_h", empty), nthreads);
+            RETAIN_CPU(retain::margin::tm_loss_bwd_bits_cpu)(
+                bits, rows, D, scale, retain::as_mut_ptr<scalar_t>(grad, kTmLoss, "grad_h", empty), nthreads);
           }
         });
       },

@@ -47,7 +47,7 @@ const char* cpu_capability_name(CpuCapability c) {
 }
 
 CpuCapability parse_cpu_capability(const std::string& name) {
-  for (CpuCapability c : {CpuCapability::Default, CpuCapability::Avx2, CpuCapability::Avx512}) {
+  for (CpuCapability c : kCpuCapabilities) {
     if (name == cpu_capability_name(c)) return c;
   }
   throw std::invalid_argument("RETAIN_CPU_CAPABILITY: expected one of default, avx2, avx512; got '" + name + "'");

@@ -21,6 +21,9 @@ enum class CpuCapability : int {
   Avx512 = 2,   // x86-64-v4: AVX-512 F, BW, CD, DQ, VL (and all of x86-64-v3)
 };
 
+// Every capability, lowest first.
+constexpr CpuCapability kCpuCapabilities[] = {CpuCapability::Default, CpuCapability::Avx2, CpuCapability::Avx512};
+
 const char* cpu_capability_name(CpuCapability c);
 // The capability named `name` ("default", "avx2", "avx512"); throws std::invalid_argument.
 CpuCapability parse_cpu_capability(const std::string& name);

@@ -75,14 +75,14 @@ RETAIN_FORCE_INLINE uint32_t vmask_bits(VM m) {
   return static_cast<uint32_t>(_mm_movemask_ps((__m128)m));
 #else
   uint32_t bits = 0;
-  for (int l = 0; l < kVecBytes / 4; ++l) bits |= static_cast<uint32_t>(m[l] & 1) << l;
+  for (int l = 0; l < kFloatLanes; ++l) bits |= static_cast<uint32_t>(m[l] & 1) << l;
   return bits;
 #endif
 }
 // The inverse: lane l is -1 where bit l of `bits` is set, else 0.
 RETAIN_FORCE_INLINE VM vbits_mask(uint32_t bits) {
   VM lane_bit;
-  for (int l = 0; l < kVecBytes / 4; ++l) lane_bit[l] = int32_t{1} << l;
+  for (int l = 0; l < kFloatLanes; ++l) lane_bit[l] = int32_t{1} << l;
   return ((VM{} + static_cast<int32_t>(bits)) & lane_bit) != 0;
 }
 
@@ -112,11 +112,11 @@ RETAIN_FORCE_INLINE VF vload_f(const f16_t* p) {
   for (int l = 0; l < kFloatLanes; ++l) v[l] = to_float(p[l]);
   return v;
 }
-// kFloatLanes int8 as floats. Through int16: GCC 12 turns a direct int8 -> int32 vector
-// conversion into scalar sign-extensions, but int8 -> int16 -> int32 into vpmovsx instructions.
+// kFloatLanes int8 as int32 lanes: one vpmovsxbd with AVX2 / AVX-512 (GCC 12 splits the generic
+// form into nine instructions there); elsewhere through int16 (a direct int8 -> int32 vector
+// conversion becomes scalar sign-extensions).
 typedef int8_t i8xF __attribute__((vector_size(kVecBytes / 4), aligned(1)));
 typedef int16_t i16xF __attribute__((vector_size(kVecBytes / 2)));
-// (AVX2 and AVX-512: one vpmovsxbd; GCC 12 splits the generic form into nine instructions there.)
 RETAIN_FORCE_INLINE VM vload_i(const int8_t* p) {
 #if defined(__AVX512F__)
   // the zero-masked form: the plain one starts from _mm512_undefined_epi32, which GCC 12 reports
@@ -130,7 +130,6 @@ RETAIN_FORCE_INLINE VM vload_i(const int8_t* p) {
   return __builtin_convertvector(w, VM);
 #endif
 }
-RETAIN_FORCE_INLINE VF vload_f(const int8_t* p) { return __builtin_convertvector(vload_i(p), VF); }
 RETAIN_FORCE_INLINE void vstore_f(float* p, VF v) { vstore(p, v); }
 RETAIN_FORCE_INLINE void vstore_f(bf16_t* p, VF v) {
   for (int l = 0; l < kFloatLanes; ++l) p[l] = from_float_bf16(v[l]);

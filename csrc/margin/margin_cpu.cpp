@@ -95,10 +95,10 @@ struct TmInterval {
 };
 
 #ifdef RETAIN_TM_AVX512
-// AVX-512 (F + BW) rows, in the avx512 build: one byte compare per 64
-// labels gives the label masks (no int8 -> float conversion), masked moves build [lo, hi], and
-// max / masked adds replace compare-and-select pairs: about half the instructions of the
-// portable vector loop, which left the TM loss core-bound. Same operations per element as
+// AVX-512 (F + BW) rows, in the avx512 build: one byte compare per 64 labels gives the label
+// masks (no int8 -> float conversion), masked moves build [lo, hi], and max / masked adds replace
+// compare-and-select pairs: about half the instructions of the portable vector loop, which left
+// the TM loss core-bound. Same operations per element as
 // tm_element / tm_slope (max(a, 0) is a > 0 ? a : 0, NaN included).
 
 // GCC 12 reports the deliberately undefined register inside its own _mm512_undefined_ps
@@ -107,13 +107,12 @@ struct TmInterval {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define RETAIN_AVX512 RETAIN_FORCE_INLINE
-RETAIN_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-RETAIN_AVX512 __m512 load16(const bf16_t* p) {
+RETAIN_FORCE_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+RETAIN_FORCE_INLINE __m512 load16(const bf16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
-RETAIN_AVX512 __m512 load16(const f16_t* p) {
+RETAIN_FORCE_INLINE __m512 load16(const f16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
@@ -121,12 +120,12 @@ RETAIN_AVX512 __m512 load16(const f16_t* p) {
 // 2-bit codes (element i at bits 2i of the row read as little-endian words: code 1 = +1, 2 = -1)
 // by extracting the even and odd bits (code 3, never written by pack_tm_labels, reads as 0 as in
 // label_at). Packed rows are never decoded.
-RETAIN_AVX512 void label_masks(const int8_t* lab, int64_t d, __mmask64& kp, __mmask64& kn) {
+RETAIN_FORCE_INLINE void label_masks(const int8_t* lab, int64_t d, __mmask64& kp, __mmask64& kn) {
   const __m512i l = _mm512_loadu_si512(lab + d);
   kp = _mm512_cmpgt_epi8_mask(l, _mm512_setzero_si512());
   kn = _mm512_cmplt_epi8_mask(l, _mm512_setzero_si512());
 }
-RETAIN_AVX512 void label_masks(const uint8_t* lab, int64_t d, __mmask64& kp, __mmask64& kn) {
+RETAIN_FORCE_INLINE void label_masks(const uint8_t* lab, int64_t d, __mmask64& kp, __mmask64& kn) {
   uint64_t w[2];
   std::memcpy(w, lab + d / 4, 16);
   const uint64_t even = 0x5555555555555555ull, odd = 0xAAAAAAAAAAAAAAAAull;
@@ -137,7 +136,7 @@ RETAIN_AVX512 void label_masks(const uint8_t* lab, int64_t d, __mmask64& kp, __m
 }
 
 // The interval [lo, hi] of 16 elements (+1: [P, inf), -1: (-inf, N], 0: [N, P]).
-RETAIN_AVX512 void interval16(__mmask64 kp, __mmask64 kn, int j, const float* P, const float* N, __m512& lo,
+RETAIN_FORCE_INLINE void interval16(__mmask64 kp, __mmask64 kn, int j, const float* P, const float* N, __m512& lo,
                               __m512& hi) {
   const __mmask16 p = static_cast<__mmask16>(kp >> (16 * j)), n = static_cast<__mmask16>(kn >> (16 * j));
   const __m512 Pv = _mm512_loadu_ps(P), Nv = _mm512_loadu_ps(N);
@@ -147,10 +146,8 @@ RETAIN_AVX512 void interval16(__mmask64 kp, __mmask64 kn, int j, const float* P,
 
 // Loss sum and violation count of the first D / 64 * 64 elements of a row; returns that count.
 template <typename T, typename Lab>
-int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
-                                                                     const float* P,
-                                                                     const float* N, int64_t D, float& sum,
-                                                                     float& count, uint16_t* bits) {
+int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P, const float* N, int64_t D,
+                          float& sum, float& count, uint16_t* bits) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   __m512 vs = zero, vc = zero;
   const int64_t D64 = D / 64 * 64;
@@ -182,10 +179,8 @@ int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
 // scale * slope of the first D / 64 * 64 elements into the float row g (streamed past the caches
 // when `stream`, g then 64-byte aligned); returns that count.
 template <typename T, typename Lab>
-int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
-                                                                     const float* P,
-                                                                     const float* N, int64_t D, float scale,
-                                                                     float* g, bool stream) {
+int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P, const float* N, int64_t D,
+                          float scale, float* g, bool stream) {
   const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
   const int64_t D64 = D / 64 * 64;
   const Lab* lab_next = lab + label_row;
@@ -206,8 +201,7 @@ int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row,
   return D64;
 }
 // grad = scale * slope of the first D / 16 * 16 elements from the slope bits; returns that count.
-int64_t tm_bits_row_avx512(const uint16_t* bits, int64_t D, float scale,
-                                                                      float* g, bool stream) {
+int64_t tm_bits_row_avx512(const uint16_t* bits, int64_t D, float scale, float* g, bool stream) {
   const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
   const int64_t D16 = D / 16 * 16;
   for (int64_t e0 = 0; e0 < D16; e0 += 16) {
@@ -216,7 +210,6 @@ int64_t tm_bits_row_avx512(const uint16_t* bits, int64_t D, float scale,
   }
   return D16;
 }
-#undef RETAIN_AVX512
 #pragma GCC diagnostic pop
 #endif
 
@@ -308,15 +301,13 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
     int64_t d0 = 0;  // elements done by the AVX-512 loop (which reads packed rows as they are)
 #ifdef RETAIN_TM_AVX512
     if constexpr (kVectorTm<T>) {
-      {
-        // float gradients go straight to the output (streamed); 16-bit ones through the row
-        // buffer and store_row's rounding conversion
-        const Lab* raw = labels + r * label_row;
-        if constexpr (std::is_same_v<T, float>) {
-          d0 = tm_bwd_row_avx512(hr, raw, label_row, p, n, D, scale, grad + r * D, stream);
-        } else {
-          d0 = tm_bwd_row_avx512(hr, raw, label_row, p, n, D, scale, g, false);
-        }
+      // float gradients go straight to the output (streamed); 16-bit ones through the row
+      // buffer and store_row's rounding conversion
+      const Lab* raw = labels + r * label_row;
+      if constexpr (std::is_same_v<T, float>) {
+        d0 = tm_bwd_row_avx512(hr, raw, label_row, p, n, D, scale, grad + r * D, stream);
+      } else {
+        d0 = tm_bwd_row_avx512(hr, raw, label_row, p, n, D, scale, g, false);
       }
     }
 #endif
@@ -352,12 +343,10 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
     float* __restrict g = row.data();
     int64_t done = 0;  // elements done by the AVX-512 loop (float: written to the output itself)
 #ifdef RETAIN_TM_AVX512
-    {
-      if constexpr (std::is_same_v<T, float>) {
-        done = tm_bits_row_avx512(bits, D, scale, grad + r * D, stream);
-      } else {
-        done = tm_bits_row_avx512(bits, D, scale, g, false);
-      }
+    if constexpr (std::is_same_v<T, float>) {
+      done = tm_bits_row_avx512(bits, D, scale, grad + r * D, stream);
+    } else {
+      done = tm_bits_row_avx512(bits, D, scale, g, false);
     }
 #endif
     const VF plus = vsplat(scale), minus = -plus, zero{};

@@ -63,7 +63,7 @@ def load_error() -> BaseException | None:
 # build of the CPU kernels to run, at most what the CPU supports. A bad value is remembered and
 # raised by the first kernel call (and reported by `retain info`), as a failed load is.
 CPU_CAPABILITY_ENV = "RETAIN_CPU_CAPABILITY"
-CPU_CAPABILITY_ORDER = ("default", "avx2", "avx512")
+CPU_CAPABILITY_ORDER = tuple(_C.cpu_capability_names) if _C is not None else ()  # lowest first
 _CPU_CAPABILITY_ERROR: ValueError | None = None
 if _C is not None and os.environ.get(CPU_CAPABILITY_ENV, "").strip():
     try:
@@ -104,8 +104,9 @@ def set_cpu_capability(name: str) -> None:
     global _CPU_CAPABILITY_ERROR
     if not isinstance(name, str):
         raise TypeError(f"set_cpu_capability: name must be a str, got {type(name).__name__}")
-    lib_ = _C if _C is not None else lib()
-    lib_.set_cpu_capability(name.strip().lower())
+    if _C is None:
+        lib()  # raises with the load error
+    _C.set_cpu_capability(name.strip().lower())
     _CPU_CAPABILITY_ERROR = None
 
 
