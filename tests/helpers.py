@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 import retain
@@ -32,3 +35,11 @@ def cuda_kernels_usable() -> bool:
 
 
 DEVICES = ["cpu", "cuda"] if cuda_kernels_usable() else ["cpu"]
+
+
+def assert_bad_input(op: str, call, base: dict, case) -> None:
+    """``case`` = (id, argument overrides, exception type, message pattern): ``call(**base)`` with
+    the overrides raises that exception, its message starting with the op's name."""
+    _, over, exc, pattern = case
+    with pytest.raises(exc, match=re.escape(op) + ": " + pattern):
+        call(**{**base, **over})

@@ -136,8 +136,13 @@ def fallback_to_reference() -> bool:
     return os.environ.get("RETAIN_FALLBACK", "").strip().lower() == "reference"
 
 
+def kernel_devices(op: str) -> tuple[str, ...]:
+    """The devices ('cpu', 'cuda') this build has native kernels of ``op`` for."""
+    return tuple(_C.kernels.get(op, ())) if _C is not None else ()
+
+
 def has_kernel(op: str, device_type: str) -> bool:
-    return _C is not None and device_type in _C.kernels.get(op, ())
+    return device_type in kernel_devices(op)
 
 
 def num_threads() -> int:

@@ -11,6 +11,12 @@ import torch
 from retain import _native
 
 
+def dtype_name(t_or_dtype) -> str:
+    """'float32' for a float32 tensor or dtype."""
+    dtype = t_or_dtype.dtype if isinstance(t_or_dtype, torch.Tensor) else t_or_dtype
+    return str(dtype).replace("torch.", "")
+
+
 def check_tensor(op: str, name: str, t, *, ndim_min: int | None = None, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -20,10 +26,12 @@ def check_tensor(op: str, name: str, t, *, ndim_min: int | None = None, ndim: in
         raise ValueError(f"{op}: {name} must have at least {ndim_min} dimensions, got shape {tuple(t.shape)}")
 
 
-def check_floating(op: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _native.KERNEL_DTYPES:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in _native.KERNEL_DTYPES)
-        raise TypeError(f"{op}: {name} must be a floating tensor ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+def check_floating(op: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype] | None = None) -> None:
+    """``t``'s dtype is one the kernels take (or one of ``dtypes``; ``()``: any floating dtype)."""
+    allowed = _native.KERNEL_DTYPES if dtypes is None else dtypes
+    if (t.dtype not in allowed) if allowed else not t.is_floating_point():
+        names = f" ({', '.join(dtype_name(d) for d in allowed)})" if allowed else ""
+        raise TypeError(f"{op}: {name} must be a floating tensor{names}, got {dtype_name(t)}")
 
 
 def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
@@ -32,35 +40,46 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], wh
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{hint}, got {tuple(t.shape)}")
 
 
+def check_device(op: str, name: str, t: torch.Tensor | None, ref_name: str, ref: torch.Tensor) -> None:
+    if t is not None and t.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
 def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
     """Every tensor in ``others`` has ``ref``'s dtype and device."""
     for name, t in others.items():
         if t is None:
             continue
-        if t.device != ref.device:
-            raise ValueError(f"{op}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+        check_device(op, name, t, ref_name, ref)
         if t.dtype != ref.dtype:
-            raise TypeError(
-                f"{op}: {name} must have {ref_name}'s dtype {str(ref.dtype).replace('torch.', '')}, "
-                f"got {str(t.dtype).replace('torch.', '')}"
-            )
+            raise TypeError(f"{op}: {name} must have {ref_name}'s dtype {dtype_name(ref)}, got {dtype_name(t)}")
 
 
-def kernel_device(op: str, t: torch.Tensor) -> str | None:
-    """'cpu' or 'cuda' when a native kernel serves ``t``; None when the reference should run
-    (RETAIN_FALLBACK=reference). Otherwise raises an error saying what to install or set."""
-    dev = t.device.type
-    if _native.has_kernel(op, dev):
-        return dev
-    if _native.fallback_to_reference():
+def check_like(op: str, name: str, t, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` (a reference tensor) must have ``ref``'s shape, dtype and device."""
+    check_tensor(op, name, t)
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ValueError(f"{op}: {name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} must have {ref_name}'s dtype {dtype_name(ref)}, got {dtype_name(t)} "
+                        f"(cast it with {name}.to({ref_name}.dtype))")
+    check_device(op, name, t, ref_name, ref)
+
+
+def check_mask(op: str, mask, shape: Sequence[int], what: str, ref_name: str, ref: torch.Tensor) -> torch.Tensor | None:
+    """A bool (or integer 0/1) mask of ``shape`` on ``ref``'s device, as contiguous uint8 for the
+    kernels; None stays None."""
+    if mask is None:
         return None
-    if not _native.native_available():
-        _native.lib()  # raises with the load error and the rebuild hint
-    if dev == "cuda":
-        hint = "this build has no CUDA kernels: rebuild with RETAIN_CUDA=ON (pip install -v . with nvcc on PATH)"
-    else:
-        hint = f"retain has no {dev} kernel for this op"
-    raise NotImplementedError(
-        f"retain::{op}: no kernel for device '{dev}' ({hint}); set RETAIN_FALLBACK=reference to run the "
-        "pure-PyTorch reference instead"
-    )
+    check_tensor(op, "mask", mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{op}: mask must have shape {tuple(shape)} ({what}), got {tuple(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{op}: mask must be bool (or integer 0/1), got {dtype_name(mask)}")
+    check_device(op, "mask", mask, ref_name, ref)
+    return mask.to(torch.bool).to(torch.uint8).contiguous()
+
+
+def check_choice(op: str, name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")

@@ -3,7 +3,7 @@ opcheck, torch.compile, hypothesis over shapes and gate values, bad input."""
 
 from __future__ import annotations
 
-import doctest
+import importlib
 import re
 
 import pytest
@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 import retain
 from retain import _native
 from retain.ops import linear_recurrence
-from retain.ops.scan import _ops
 from retain.ops.scan.reference import linear_recurrence_ref
 from tests.helpers import DEVICES, KERNEL_DTYPES, assert_close
+
+_ops = importlib.import_module("retain.ops.scan.linear_recurrence")  # the package re-exports the function
 
 # Kernel tests: each runs under every CPU capability this machine supports (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_capability")
@@ -227,28 +228,6 @@ def test_linear_recurrence_torch_export():
     exported = torch.export.export(Scan(), (a.detach(), x.detach()))
     assert "retain.linear_recurrence" in str(exported.graph)
     assert_close(exported.module()(a.detach(), x.detach()), linear_recurrence_ref(a, x, reverse=True))
-
-
-def test_linear_recurrence_docstring_example():
-    import retain.ops.scan as scan_module
-
-    finder = doctest.DocTestFinder()
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(scan_module.linear_recurrence, globs={"torch": torch, "retain": retain}):
-        runner.run(test)
-    assert runner.failures == 0 and runner.tries > 0
-
-
-def test_linear_recurrence_fallback_policy(monkeypatch):
-    a, x, h0 = make_inputs((2, 9, 4), torch.float64)
-    monkeypatch.setattr(_native, "has_kernel", lambda op, device: False)
-    monkeypatch.delenv("RETAIN_FALLBACK", raising=False)
-    with pytest.raises(NotImplementedError, match=r"retain::linear_recurrence: no kernel for device 'cpu'.*"
-                                                  r"RETAIN_FALLBACK=reference"):
-        linear_recurrence(a, x)
-    monkeypatch.setenv("RETAIN_FALLBACK", "reference")
-    for reverse in (False, True):
-        check_against_reference(a, x, h0, reverse)
 
 
 BAD_INPUTS = [

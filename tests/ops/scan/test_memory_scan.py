@@ -4,9 +4,8 @@ boundaries, varlen, cached states, dtypes, opcheck, torch.compile, bad input."""
 
 from __future__ import annotations
 
-import doctest
+import importlib
 import itertools
-import re
 
 import pytest
 import torch
@@ -16,9 +15,10 @@ from hypothesis import strategies as st
 import retain
 from retain import _native
 from retain.ops import delta_rule, gated_delta_rule, linear_attn, memory_scan, titans_linear
-from retain.ops.scan import _memory, _ops
 from retain.ops.scan import reference as ref
-from tests.helpers import KERNEL_DTYPES, assert_close
+from tests.helpers import KERNEL_DTYPES, assert_bad_input, assert_close
+
+_ops = importlib.import_module("retain.ops.scan.memory_scan")  # the package re-exports the function
 
 # Kernel tests: each runs under every CPU capability this machine supports (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_capability")
@@ -337,25 +337,6 @@ def test_memory_scan_torch_compile_fullgraph():
         assert_close(a, b)
 
 
-def test_memory_scan_fallback_policy(monkeypatch):
-    case = make_case(B=1, T=7, gate="head", momentum=True, initial=True, seed=47)
-    monkeypatch.setattr(_native, "has_kernel", lambda op, device: False)
-    monkeypatch.delenv("RETAIN_FALLBACK", raising=False)
-    with pytest.raises(NotImplementedError, match=r"retain::memory_scan: no kernel for device 'cpu'"):
-        memory_scan(case["q"], case["k"], case["v"], case["beta"])
-    monkeypatch.setenv("RETAIN_FALLBACK", "reference")
-    check_memory_scan(case, states_every=3)
-
-
-def test_memory_scan_docstring_examples():
-    finder = doctest.DocTestFinder()
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for fn in (memory_scan, linear_attn, delta_rule, gated_delta_rule, titans_linear):
-        for test in finder.find(fn, globs={"torch": torch, "retain": retain}):
-            runner.run(test)
-    assert runner.failures == 0 and runner.tries >= 5
-
-
 def _bad(**over):
     c = make_case(B=1, T=4, H=2, K=3, V=2, seed=53, requires_grad=False)
     c.update(over)
@@ -394,11 +375,8 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_memory_scan_bad_input(case):
-    _, over, exc, pattern = case
-    c = _bad(**over)
-    args = [c.pop(n) for n in ("q", "k", "v", "beta")]
-    with pytest.raises(exc, match=re.escape("retain.ops.memory_scan") + ": " + pattern):
-        memory_scan(*args, **c)
+    assert_bad_input("retain.ops.memory_scan", lambda q, k, v, beta, **kw: memory_scan(q, k, v, beta, **kw),
+                     _bad(), case)
 
 
 def test_named_op_errors_name_the_named_op():

@@ -1,11 +1,10 @@
 """retain.ops.feature_imitation (per-token L1 / squared L2 distance between current and reference
 hidden states): hand-made cases, kernel vs reference for the loss and both gradients, masks,
-hypothesis, opcheck, torch.compile, fallback, bad input; CUDA kernels when a GPU is present."""
+hypothesis, opcheck, torch.compile, bad input; CUDA kernels when a GPU is present."""
 
 from __future__ import annotations
 
-import doctest
-import re
+import importlib
 
 import pytest
 import torch
@@ -16,9 +15,10 @@ from hypothesis import strategies as st
 import retain
 from retain import _native
 from retain.ops import feature_imitation
-from retain.ops.margin import _ops
 from retain.ops.margin import reference as ref
-from tests.helpers import KERNEL_DTYPES, assert_close
+from tests.helpers import KERNEL_DTYPES, assert_bad_input, assert_close
+
+_ops = importlib.import_module("retain.ops.margin.feature_imitation")  # the package re-exports the function
 
 # Kernel tests: each runs under every CPU capability this machine supports (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("cpu_capability")
@@ -247,29 +247,6 @@ def test_feature_imitation_torch_compile_fullgraph(p):
     assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(want, h)[0])
 
 
-def test_feature_imitation_fallback_policy(monkeypatch):
-    h, q, mask = make_states(seed=15)
-    monkeypatch.setattr(_native, "has_kernel", lambda op, device: False)
-    monkeypatch.delenv("RETAIN_FALLBACK", raising=False)
-    with pytest.raises(NotImplementedError, match=r"retain::feature_imitation: no kernel for device 'cpu'"):
-        feature_imitation(h, q)
-    monkeypatch.setenv("RETAIN_FALLBACK", "reference")
-    check(h, q, mask, 1, "mean")
-
-
-def test_feature_imitation_docstring_examples():
-    finder = doctest.DocTestFinder()
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(feature_imitation, globs={"torch": torch, "retain": retain}):
-        runner.run(test)
-    assert runner.failures == 0 and runner.tries >= 3
-
-
-def test_feature_imitation_is_exported():
-    assert "feature_imitation" in retain.ops.__all__ and "feature_imitation" in retain.ops.margin.__all__
-    assert "cpu" in retain.capabilities()["kernels"]["feature_imitation"]
-
-
 BAD = [
     ("h 0-D", dict(h=torch.tensor(1.0, dtype=F64)), ValueError, "h must have at least 1 dimensions"),
     ("h int", dict(h=torch.zeros(3, 4, 37, dtype=torch.long)), TypeError, "h must be a floating tensor"),
@@ -285,18 +262,15 @@ BAD = [
     ("mask float", dict(mask=torch.ones(3, 4)), TypeError, "mask must be bool"),
     ("mask device", dict(mask=torch.ones(3, 4, dtype=torch.bool, device="meta")), ValueError,
      "mask must be on h's device cpu, got meta"),
-    ("reduction", dict(reduction="max"), ValueError, "reduction must be 'mean', 'sum' or 'none'"),
+    ("reduction", dict(reduction="max"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'max'"),
 ]
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_feature_imitation_bad_input(case):
-    _, over, exc, pattern = case
     h, q, mask = make_states()
-    kw = dict(h=h, q=q, mask=mask, p=2, reduction="mean")
-    kw.update(over)
-    with pytest.raises(exc, match=re.escape("retain.ops.feature_imitation") + ": " + pattern):
-        feature_imitation(kw["h"], kw["q"], p=kw["p"], mask=kw["mask"], reduction=kw["reduction"])
+    assert_bad_input("retain.ops.feature_imitation", lambda h, q, **kw: feature_imitation(h, q, **kw),
+                     dict(h=h, q=q, mask=mask, p=2, reduction="mean"), case)
 
 
 # CUDA ------------------------------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""Every public op of ``retain.ops`` with small inputs and its reference: what
+``tests/ops/test_contract.py`` checks each one against. A new op adds one ``OpCase`` here (the
+contract test fails until every name in ``retain.ops.__all__`` has one)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+import torch
+
+import retain
+from retain.ops.margin import reference as margin_ref
+from retain.ops.scan import reference as scan_ref
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """``call(**make(seed))`` runs the op, ``reference(**make(seed))`` its oracle (or None)."""
+
+    name: str  # retain.ops.<name>
+    make: Callable[[int], dict[str, Any]]  # seed -> the op's inputs by name (float64 tensors, flags)
+    call: Callable[..., Any]
+    reference: Callable[..., Any] | None
+    grads: tuple[str, ...] = ()  # the inputs that get gradients
+    native: bool = True  # runs custom ops with native kernels (the fallback policy applies)
+    nan_input: str | None = None  # the input whose first element set to NaN must give NaN out
+    # inputs whose gradient is piecewise constant (second derivative 0 almost everywhere): it
+    # may come out of the backward as a constant, outside any graph
+    constant_grads: tuple[str, ...] = ()
+
+
+def tensors_of(result) -> list[torch.Tensor]:
+    """The tensors of an op's result, in order (tuples, None, dataclasses such as ActivationStats)."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if result is None:
+        return []
+    if is_dataclass(result):
+        return [t for f in fields(result) for t in tensors_of(getattr(result, f.name))]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in tensors_of(r)]
+    raise TypeError(f"unexpected op result {type(result).__name__}")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(g, *shape):
+    return torch.randn(*shape, generator=g, dtype=F64)
+
+
+def _scan_inputs(seed: int, B=1, T=6, H=2, K=4, V=3) -> dict[str, Any]:
+    g = _gen(seed)
+    return dict(q=_randn(g, B, T, H, K), k=_randn(g, B, T, H, K) / 2, v=_randn(g, B, T, H, V),
+                beta=torch.sigmoid(_randn(g, B, T, H)), g=torch.nn.functional.logsigmoid(_randn(g, B, T, H)),
+                eta=torch.sigmoid(_randn(g, B, T, H)), S0=_randn(g, B, H, K, V) / 4, Z0=_randn(g, B, H, K, V) / 4)
+
+
+def _pick(d: dict, *names: str) -> dict:
+    return {n: d[n] for n in names}
+
+
+def _linear_recurrence_inputs(seed: int) -> dict[str, Any]:
+    g = _gen(seed)
+    return dict(a=torch.rand(2, 5, 3, generator=g, dtype=F64) * 0.5 + 0.5, x=_randn(g, 2, 5, 3), initial=_randn(g, 2, 3))
+
+
+def _tm_inputs(seed: int) -> dict[str, Any]:
+    g = _gen(seed)
+    D = 9
+    h = _randn(g, 2, 4, D)
+    labels = torch.randint(-1, 2, (2, 4, D), generator=g, dtype=torch.int8)
+    mask = torch.rand(2, 4, generator=g) > 0.3
+    mask[0, 0] = True
+    return dict(h=h, labels=margin_ref.pack_tm_labels_ref(labels), pos=0.2 + torch.rand(D, generator=g, dtype=F64),
+                neg=-0.2 - torch.rand(D, generator=g, dtype=F64), mask=mask)
+
+
+def _pair_inputs(seed: int, a: str, b: str, scale=1.0) -> dict[str, Any]:
+    g = _gen(seed)
+    mask = torch.rand(2, 3, generator=g) > 0.3
+    mask[0, 0] = True
+    return {a: _randn(g, 2, 3, 11) * scale, b: _randn(g, 2, 3, 11) * scale, "mask": mask}
+
+
+def _stats_inputs(seed: int) -> dict[str, Any]:
+    g = _gen(seed)
+    mask = torch.rand(4, 3, generator=g) > 0.3
+    mask[0, 0] = True
+    return dict(h=_randn(g, 4, 3, 5) * 2 + 1, mask=mask)
+
+
+def _threshold_inputs(seed: int) -> dict[str, Any]:
+    return dict(stats=retain.ops.activation_stats(**_stats_inputs(seed)), k=1.5)
+
+
+def _label_inputs(seed: int) -> dict[str, Any]:
+    g = _gen(seed)
+    return dict(ref=_randn(g, 2, 3, 9), pos=torch.full((9,), 0.5, dtype=F64), neg=torch.full((9,), -0.5, dtype=F64))
+
+
+def _packed_inputs(seed: int) -> dict[str, Any]:
+    d = _label_inputs(seed)
+    return dict(packed=retain.ops.pack_tm_labels(d["ref"], d["pos"], d["neg"]), D=9)
+
+
+ops = retain.ops
+CASES: list[OpCase] = [
+    OpCase("linear_recurrence", _linear_recurrence_inputs,
+           lambda a, x, initial: ops.linear_recurrence(a, x, initial=initial),
+           lambda a, x, initial: scan_ref.linear_recurrence_ref(a, x, initial=initial),
+           grads=("a", "x", "initial"), nan_input="x"),
+    OpCase("memory_scan", lambda s: _pick(_scan_inputs(s), "q", "k", "v", "beta", "g", "eta", "S0", "Z0"),
+           lambda q, k, v, beta, g, eta, S0, Z0: ops.memory_scan(
+               q, k, v, beta, g=g, eta=eta, objective="lp", initial_state=(S0, Z0), output_final_state=True,
+               states_every=2),
+           lambda q, k, v, beta, g, eta, S0, Z0: scan_ref.memory_scan_ref(
+               q, k, v, beta, g=g, eta=eta, objective="lp", initial_state=(S0, Z0), output_final_state=True,
+               states_every=2),
+           grads=("q", "k", "v", "beta", "g", "eta", "S0", "Z0"), nan_input="v"),
+    OpCase("linear_attn", lambda s: _pick(_scan_inputs(s), "q", "k", "v", "g", "S0"),
+           lambda q, k, v, g, S0: ops.linear_attn(q, k, v, g=g, initial_state=S0, output_final_state=True),
+           lambda q, k, v, g, S0: scan_ref.linear_attn_ref(q, k, v, g=g, initial_state=S0, output_final_state=True),
+           grads=("q", "k", "v", "g", "S0"), nan_input="v"),
+    OpCase("delta_rule", lambda s: _pick(_scan_inputs(s), "q", "k", "v", "beta"),
+           lambda q, k, v, beta: ops.delta_rule(q, k, v, beta, output_final_state=True, use_qk_l2norm=True),
+           lambda q, k, v, beta: scan_ref.delta_rule_ref(q, k, v, beta, output_final_state=True, use_qk_l2norm=True),
+           grads=("q", "k", "v", "beta"), nan_input="v"),
+    OpCase("gated_delta_rule", lambda s: _pick(_scan_inputs(s), "q", "k", "v", "g", "beta"),
+           lambda q, k, v, g, beta: ops.gated_delta_rule(q, k, v, g, beta, output_final_state=True),
+           lambda q, k, v, g, beta: scan_ref.gated_delta_rule_ref(q, k, v, g, beta, output_final_state=True),
+           grads=("q", "k", "v", "g", "beta"), nan_input="v"),
+    OpCase("titans_linear", lambda s: dict(**_pick(_scan_inputs(s), "q", "k", "v", "beta", "eta"),
+                                           alpha=_scan_inputs(s + 1)["beta"] / 4),
+           lambda q, k, v, beta, eta, alpha: ops.titans_linear(q, k, v, beta, alpha, eta, output_final_state=True),
+           lambda q, k, v, beta, eta, alpha: scan_ref.titans_linear_ref(q, k, v, beta, alpha, eta,
+                                                                        output_final_state=True),
+           grads=("q", "k", "v", "beta", "eta", "alpha"), nan_input="v"),
+    OpCase("tm_loss", _tm_inputs,
+           lambda h, labels, pos, neg, mask: ops.tm_loss(h, labels, pos, neg, mask=mask),
+           lambda h, labels, pos, neg, mask: margin_ref.tm_loss_ref(h, labels, pos, neg, mask=mask),
+           grads=("h", "pos", "neg"), nan_input="h", constant_grads=("pos", "neg")),
+    OpCase("kl_imitation", lambda s: _pair_inputs(s, "z", "z_ref", 3.0),
+           lambda z, z_ref, mask: ops.kl_imitation(z, z_ref, temperature=2.0, mask=mask),
+           lambda z, z_ref, mask: margin_ref.kl_imitation_ref(z, z_ref, temperature=2.0, mask=mask),
+           grads=("z", "z_ref"), nan_input="z"),
+    OpCase("feature_imitation", lambda s: _pair_inputs(s, "h", "h_ref"),
+           lambda h, h_ref, mask: ops.feature_imitation(h, h_ref, mask=mask),
+           lambda h, h_ref, mask: margin_ref.feature_imitation_ref(h, h_ref, mask=mask),
+           grads=("h", "h_ref"), nan_input="h"),
+    OpCase("pack_tm_labels", _label_inputs, lambda ref, pos, neg: ops.pack_tm_labels(ref, pos, neg),
+           lambda ref, pos, neg: margin_ref.pack_tm_labels_ref(margin_ref.tm_labels_ref(ref, pos, neg)),
+           native=False),
+    OpCase("unpack_tm_labels", _packed_inputs, lambda packed, D: ops.unpack_tm_labels(packed, D),
+           lambda packed, D: margin_ref.unpack_tm_labels_ref(packed, D), native=False),
+    OpCase("activation_stats", _stats_inputs, lambda h, mask: ops.activation_stats(h, mask),
+           lambda h, mask: margin_ref.activation_stats_ref(h, mask), native=False, nan_input="h"),
+    OpCase("tm_thresholds", _threshold_inputs, lambda stats, k: ops.tm_thresholds(stats, k), None, native=False),
+]
+
+# Public names that are types, not ops.
+TYPES = {"ActivationStats"}
