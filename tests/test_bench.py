@@ -76,7 +76,7 @@ def test_missing_peers_are_reported_not_fatal(monkeypatch):
     monkeypatch.setitem(sys.modules, "assoc_scan", None)
     for name in [m for m in sys.modules if m.split(".")[0] == "accelerated_scan"] + ["accelerated_scan"]:
         monkeypatch.setitem(sys.modules, name, None)  # submodules too: an earlier test may have imported them
-    from retain.ops.scan import _bench as scan_cases
+    from retain.bench import scan as scan_cases
 
     monkeypatch.setattr(scan_cases, "_NUMBA_KERNELS", {})
     recs = bench.run_case(CASE, TINY, "cpu", impls=["retain", "numba", "assoc-scan", "accelerated-scan"],

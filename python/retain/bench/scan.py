@@ -1,4 +1,4 @@
-"""Benchmark cases of the scan family for `retain bench` (python/retain/bench.py): each op's
+"""Benchmark cases of the scan family for `retain bench` (python/retain/bench/): each op's
 input factory, cost model and implementations (retain, its eager reference, torch.compile and the
 peers a user would pick). Optional packages are imported inside the builders."""
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from retain.bench import Case, Impl, Runner, Unsupported, autograd_runner, itemsize, register
+from retain.bench.harness import Case, Impl, Runner, Unsupported, autograd_runner, itemsize, register
 
 
 # --------------------------------------------------------------------------------------------

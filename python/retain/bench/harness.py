@@ -840,14 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(parser.parse_args(argv))
 
 
-# The op families register their cases (python/retain/ops/<family>/_bench.py); imported last so
+# The op families register their cases (python/retain/bench/<family>.py); imported last so
 # they can use everything above.
-from retain.ops.margin import _bench as _margin_cases  # noqa: E402,F401
-from retain.ops.scan import _bench as _scan_cases  # noqa: E402,F401
-
-if __name__ == "__main__":
-    # `python -m retain.bench` runs this file as __main__, a second module beside retain.bench,
-    # into whose registry the families above registered: run the real one.
-    from retain.bench import main as _main
-
-    sys.exit(_main())
+from retain.bench import margin as _margin_cases  # noqa: E402,F401
+from retain.bench import scan as _scan_cases  # noqa: E402,F401

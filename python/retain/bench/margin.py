@@ -1,4 +1,4 @@
-"""Benchmark cases of the margin family for `retain bench` (python/retain/bench.py)."""
+"""Benchmark cases of the margin family for `retain bench` (python/retain/bench/)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from retain.bench import Case, Impl, Runner, Unsupported, itemsize, register
+from retain.bench.harness import Case, Impl, Runner, Unsupported, itemsize, register
 
 
 def _tm_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
