@@ -1,4 +1,4 @@
-"""Smoke tests of ``retain bench`` (python/retain/bench.py) and bench/plot.py, so the benchmark code
+"""Smoke tests of ``retain bench`` (python/retain/bench/) and bench/plot.py, so the benchmark code
 cannot rot: every installed implementation runs once at a tiny size and agrees with retain, the
 CLI writes the JSON it promises, missing or broken peers are reported rather than fatal. No
 timing is asserted."""
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from retain import bench
+from retain.bench import cli, harness, machine, registry, report
 from retain.ops.scan.reference import linear_recurrence_ref
 from tests.helpers import assert_close
 
-CASE = bench.REGISTRY["linear_recurrence"]
+CASE = registry.REGISTRY["linear_recurrence"]
 # One compile chunk covering all of T keeps torch.compile to one graph per direction, and the
 # aot_eager backend skips inductor's C++ compiles (seconds each): the chunk loop is still exercised.
 TINY = dict(CASE.sizes["small"], T=16, compile_chunk=16, compile_backend="aot_eager")
@@ -31,19 +31,19 @@ EXPECTED_STATUS = ("ok", "not installed", "unsupported")
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    cli.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def test_every_installed_implementation_runs_and_agrees_with_retain():
-    recs = bench.run_case(CASE, TINY, "cpu", reps=1, min_reps=1, budget_s=0, keep_outputs=True)
+    recs = harness.run_case(CASE, TINY, "cpu", reps=1, min_reps=1, budget_s=0, keep_outputs=True)
     assert {(r["impl"], r["direction"]) for r in recs} == {
-        (i, d) for i in CASE.impls for d in bench.DIRECTIONS
+        (i, d) for i in CASE.impls for d in registry.DIRECTIONS
     }
     for r in recs:
         assert r["status"].startswith(EXPECTED_STATUS), r
     by = {(r["impl"], r["direction"]): r for r in recs}
-    for d in bench.DIRECTIONS:  # torch-only implementations always run
+    for d in registry.DIRECTIONS:  # torch-only implementations always run
         for impl in ("retain", "eager", "compile"):
             assert by[impl, d]["status"] == "ok", by[impl, d]
     a, x, g = (t.double() for t in CASE.make_inputs(TINY, "cpu").values())
@@ -67,7 +67,7 @@ def test_every_installed_implementation_runs_and_agrees_with_retain():
 
 def test_numba_peer_runs_when_installed():
     pytest.importorskip("numba")
-    recs = bench.run_case(CASE, TINY, "cpu", impls=["retain", "numba"], reps=1, min_reps=1, budget_s=0)
+    recs = harness.run_case(CASE, TINY, "cpu", impls=["retain", "numba"], reps=1, min_reps=1, budget_s=0)
     assert [r["status"] for r in recs] == ["ok"] * 4
 
 
@@ -79,7 +79,7 @@ def test_missing_peers_are_reported_not_fatal(monkeypatch):
     from retain.bench import scan as scan_cases
 
     monkeypatch.setattr(scan_cases, "_NUMBA_KERNELS", {})
-    recs = bench.run_case(CASE, TINY, "cpu", impls=["retain", "numba", "assoc-scan", "accelerated-scan"],
+    recs = harness.run_case(CASE, TINY, "cpu", impls=["retain", "numba", "assoc-scan", "accelerated-scan"],
                           directions=["fwd"], reps=1, min_reps=1, budget_s=0)
     status = {r["impl"]: r["status"] for r in recs}
     assert status == {
@@ -92,20 +92,20 @@ def test_missing_peers_are_reported_not_fatal(monkeypatch):
 
 def test_wrong_and_broken_peers_are_caught_before_timing():
     def wrong(inputs, params, device):
-        return bench.Runner(lambda: inputs["x"] + 1, lambda: (inputs["a"], inputs["x"]))
+        return registry.Runner(lambda: inputs["x"] + 1, lambda: (inputs["a"], inputs["x"]))
 
     def broken(inputs, params, device):
         raise RuntimeError("kaput")
 
     def cuda_only(inputs, params, device):
-        raise bench.Unsupported("CUDA only")
+        raise harness.Unsupported("CUDA only")
 
     case = dataclasses.replace(CASE, impls={
-        "retain": CASE.impls["retain"], "wrong": bench.Impl(wrong), "broken": bench.Impl(broken),
-        "cuda-only": bench.Impl(cuda_only)})
-    recs = bench.run_case(case, TINY, "cpu", reps=1, min_reps=1, budget_s=0)
+        "retain": CASE.impls["retain"], "wrong": registry.Impl(wrong), "broken": registry.Impl(broken),
+        "cuda-only": registry.Impl(cuda_only)})
+    recs = harness.run_case(case, TINY, "cpu", reps=1, min_reps=1, budget_s=0)
     status = {(r["impl"], r["direction"]): r["status"] for r in recs}
-    for d in bench.DIRECTIONS:
+    for d in registry.DIRECTIONS:
         assert status["retain", d] == "ok"
         assert status["wrong", d].startswith("wrong result: "), status
         assert "median_ms" not in next(r for r in recs if r["impl"] == "wrong" and r["direction"] == d)
@@ -117,16 +117,16 @@ def test_run_cli_writes_json_and_markdown(tmp_path, capsys):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     args = _parse(["--op", "linear_recurrence", "--size", "small", "--sweep-T", "8,16", "--impl", "retain,eager",
                    "--reps", "2", "--cold-heap", "--quiet", "--json", str(out), "--markdown", str(md)])
-    assert bench.run_cli(args) == 0
-    report = json.loads(out.read_text())
-    assert report["schema"] == bench.SCHEMA
-    assert {"created", "command", "machine", "ceilings", "config", "results"} <= set(report)
-    assert {"cpu", "logical_cpus", "torch_threads", "torch", "retain"} <= set(report["machine"])
-    assert report["ceilings"]["copy_gbps"] > 0 and report["ceilings"]["matmul_gflops"] > 0
-    assert report["config"]["heap_mode"] == "cold" and report["config"]["sweep_T"] == [8, 16]
-    results = report["results"]
+    assert cli.run_cli(args) == 0
+    rep = json.loads(out.read_text())
+    assert rep["schema"] == report.SCHEMA
+    assert {"created", "command", "machine", "ceilings", "config", "results"} <= set(rep)
+    assert {"cpu", "logical_cpus", "torch_threads", "torch", "retain"} <= set(rep["machine"])
+    assert rep["ceilings"]["copy_gbps"] > 0 and rep["ceilings"]["matmul_gflops"] > 0
+    assert rep["config"]["heap_mode"] == "cold" and rep["config"]["sweep_T"] == [8, 16]
+    results = rep["results"]
     assert {(r["params"]["T"], r["direction"], r["impl"]) for r in results} == {
-        (t, d, i) for t in (8, 16) for d in bench.DIRECTIONS for i in ("retain", "eager")}
+        (t, d, i) for t in (8, 16) for d in registry.DIRECTIONS for i in ("retain", "eager")}
     for r in results:
         assert r["status"] == "ok"
         for key in ("op", "shape", "median_ms", "q1_ms", "q3_ms", "min_ms", "reps", "warmup_s", "bytes", "gbps",
@@ -138,8 +138,8 @@ def test_run_cli_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_run_cli_rejects_unknown_op_and_lists_ops(capsys):
-    assert bench.run_cli(_parse(["--op", "nope"])) == 2
-    assert bench.run_cli(_parse(["--list"])) == 0
+    assert cli.run_cli(_parse(["--op", "nope"])) == 2
+    assert cli.run_cli(_parse(["--list"])) == 0
     assert "linear_recurrence (scan): retain, eager" in capsys.readouterr().out
 
 
@@ -148,7 +148,7 @@ def test_bench_import_is_lean_and_warm_heap_works():
     code = (
         "import sys, retain.__main__, retain.bench\n"
         f"print(sorted(m for m in {optional!r} if m in sys.modules))\n"
-        "print(retain.bench.warm_heap())\n"
+        "print(retain.bench.machine.warm_heap())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -166,7 +166,7 @@ def test_plot_script_draws_a_report(tmp_path):
     rec = {"op": "linear_recurrence", "shape": "s", "device": "cpu", "impl": "retain", "status": "ok",
            "median_ms": 1.0, "q1_ms": 0.9, "q3_ms": 1.1, "params": {"B": 1, "T": 8, "D": 2, "dtype": "float32"}}
     results = [dict(rec, direction=d, params=dict(rec["params"], T=t), median_ms=t / 8)
-               for d in bench.DIRECTIONS for t in (8, 16)]
+               for d in registry.DIRECTIONS for t in (8, 16)]
     results.append(dict(rec, impl="numba", direction="fwd", status="not installed (numba)"))
     src = tmp_path / "r.json"
     src.write_text(json.dumps({"machine": {"cpu": "x", "torch_threads": 2}, "config": {"heap_mode": "warm"},
@@ -177,11 +177,11 @@ def test_plot_script_draws_a_report(tmp_path):
 
 
 def test_gated_delta_rule_case_runs_every_installed_implementation():
-    case = bench.REGISTRY["gated_delta_rule"]
+    case = registry.REGISTRY["gated_delta_rule"]
     params = dict(case.sizes["small"], T=8)
-    recs = bench.run_case(case, params, "cpu", reps=1, min_reps=1, budget_s=0)
+    recs = harness.run_case(case, params, "cpu", reps=1, min_reps=1, budget_s=0)
     by = {(r["impl"], r["direction"]): r for r in recs}
-    for d in bench.DIRECTIONS:  # checked against retain before timing: "ok" means they agree
+    for d in registry.DIRECTIONS:  # checked against retain before timing: "ok" means they agree
         for impl in ("retain", "eager", "compile"):
             assert by[impl, d]["status"] == "ok", by[impl, d]
     assert by["retain", "fwd"]["gflops"] > 0
@@ -193,15 +193,15 @@ def test_python_m_retain_bench_sees_every_registered_case():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     listed = [line.split(" ", 1)[0] for line in proc.stdout.splitlines() if not line.startswith(" ")]
-    assert sorted(listed) == sorted(bench.REGISTRY) and len(listed) >= 6
+    assert sorted(listed) == sorted(registry.REGISTRY) and len(listed) >= 6
 
 
-@pytest.mark.parametrize("op", list(bench.REGISTRY))
+@pytest.mark.parametrize("op", list(registry.REGISTRY))
 def test_every_registered_case_runs_at_its_small_size(op):
     """retain, the eager reference and torch.compile forms of each case, checked against retain."""
-    case = bench.REGISTRY[op]
+    case = registry.REGISTRY[op]
     impls = [n for n in case.impls if n.startswith("retain") or n in ("eager", case.baseline)]
-    recs = bench.run_case(case, case.sizes["small"], "cpu", impls=impls, reps=1, min_reps=1, budget_s=0)
+    recs = harness.run_case(case, case.sizes["small"], "cpu", impls=impls, reps=1, min_reps=1, budget_s=0)
     assert {r["impl"] for r in recs} == set(impls)
     bad = [(r["impl"], r["direction"], r["status"]) for r in recs if r["status"] != "ok"]
     assert not bad, bad

@@ -1,7 +1,7 @@
-"""``python -m retain.bench``: the same as ``retain bench``."""
+"""``python -m retain.bench [options]``: the same as ``retain bench [options]``."""
 
 import sys
 
-from retain.bench.harness import main
+from retain.bench.cli import main
 
 sys.exit(main())

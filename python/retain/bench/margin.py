@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from retain.bench.harness import Case, Impl, Runner, Unsupported, itemsize, register
+from retain.bench.harness import Unsupported
+from retain.bench.registry import Case, Impl, Runner, itemsize, register
 
 
 def _tm_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from retain.bench.harness import Case, Impl, Runner, Unsupported, autograd_runner, itemsize, register
+from retain.bench.harness import Unsupported, autograd_runner
+from retain.bench.registry import Case, Impl, Runner, itemsize, register
 
 
 # --------------------------------------------------------------------------------------------
