@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,21 +38,96 @@ class WrongResult(Exception):
     """An implementation's output differs from the reference's."""
 
 
-def autograd_runner(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor],
-                     args: Sequence[str], grad_out: str) -> Runner:
+def autograd_runner(fn: Callable[..., Any], inputs: dict[str, torch.Tensor], args: Sequence[str],
+                    grad_out: str | None = None, wrt: Sequence[str] | None = None) -> Runner:
     """Runner for a differentiable torch function ``fn(*inputs[args])``: fwd without autograd,
-    fwd+bwd as ``torch.autograd.grad`` of the output against ``inputs[grad_out]``."""
+    fwd+bwd as ``torch.autograd.grad`` of the output with respect to the inputs named in ``wrt``
+    (default: every arg; the others are passed as they are) against ``inputs[grad_out]`` (None:
+    the output is a scalar loss)."""
+    wrt = tuple(args) if wrt is None else tuple(wrt)
     plain = [inputs[k] for k in args]
-    leaves = [inputs[k].detach().requires_grad_() for k in args]
-    g = inputs[grad_out]
+    called = [inputs[k].detach().requires_grad_() if k in wrt else inputs[k] for k in args]
+    leaves = [t for k, t in zip(args, called) if k in wrt]
+    g = None if grad_out is None else inputs[grad_out]
 
     def fwd():
         return fn(*plain)
 
     def fwdbwd():
-        return torch.autograd.grad(fn(*leaves), leaves, g)
+        return torch.autograd.grad(fn(*called), leaves, g)
 
     return Runner(fwd, fwdbwd)
+
+
+Bind = Callable[[Callable[..., Any], dict[str, torch.Tensor], dict[str, Any]], Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class Call:
+    """How a case calls its op, the op's reference and any peer with the same signature.
+
+    ``bind(fn, inputs, params)`` returns the callable that is timed (default: ``fn`` itself;
+    untimed work such as packing labels or fixing keyword arguments goes there), called as
+    ``f(*inputs[args])``; fwd+bwd takes its gradient with respect to ``wrt`` (default: every
+    arg) against ``inputs[grad_out]`` (None: a scalar loss), as :func:`autograd_runner`.
+    """
+
+    args: tuple[str, ...]
+    grad_out: str | None = None
+    wrt: tuple[str, ...] | None = None
+    bind: Bind | None = None
+
+    def bound(self, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], params: dict[str, Any]):
+        return fn if self.bind is None else self.bind(fn, inputs, params)
+
+    def runner(self, f: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Runner:
+        """The runner of ``f``, already bound (a peer's own callable with this signature)."""
+        return autograd_runner(f, inputs, self.args, self.grad_out, self.wrt)
+
+
+def retain_impl(op: Callable[..., Any], call: Call, note: str, *, kernel: str) -> Impl:
+    """retain's ``op`` (``retain.ops.<name>``); ``unsupported`` where this build has no native
+    ``kernel`` for the device (no silent fallback to the reference is timed as retain)."""
+
+    def build(inputs, params, device):
+        if not _native.has_kernel(kernel, device):
+            raise Unsupported(f"no {kernel} kernel for {device} in this build")
+        return call.runner(call.bound(op, inputs, params), inputs)
+
+    return Impl(build, note)
+
+
+def eager_impl(ref: Callable[..., Any], call: Call, note: str) -> Impl:
+    """The op's pure-PyTorch reference (``retain.ops.<family>.reference``), eager."""
+    return Impl(lambda inputs, params, device: call.runner(call.bound(ref, inputs, params), inputs), note)
+
+
+def fresh_compile(fn: Callable[..., Any], params: dict[str, Any], **options: Any) -> Callable[..., Any]:
+    """``torch.compile(fn, fullgraph=True, **options)`` after resetting dynamo, so each build
+    compiles afresh (an honest warm-up time, a cold compile; no recompile limit), with the
+    backend ``params.get("compile_backend", "inductor")`` (tests pass a cheaper one)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=params.get("compile_backend", "inductor"), **options)
+
+
+def compile_impl(ref: Callable[..., Any], call: Call, note: str | None = None) -> Impl:
+    """The bound reference under :func:`fresh_compile`."""
+
+    def build(inputs, params, device):
+        return call.runner(fresh_compile(call.bound(ref, inputs, params), params), inputs)
+
+    note = note or f"{ref.__name__} under torch.compile(fullgraph, inductor); warm-up = compile"
+    return Impl(build, note, jit=True)
+
+
+def standard_impls(op: Callable[..., Any], ref: Callable[..., Any], call: Call, *, kernel: str, retain: str,
+                   eager: str) -> dict[str, Impl]:
+    """The three implementations of a case with no other form: ``retain`` (the op), ``eager``
+    (its reference) and ``compile`` (the reference under torch.compile), with these notes."""
+    return {"retain": retain_impl(op, call, retain, kernel=kernel), "eager": eager_impl(ref, call, eager),
+            "compile": compile_impl(ref, call)}
 
 
 def with_cpu_capabilities(case: Case, capabilities: Sequence[str]) -> Case:

@@ -1,4 +1,6 @@
-"""Benchmark cases of the margin family for `retain bench` (python/retain/bench/)."""
+"""Benchmark cases of the margin family (``retain.ops.margin``) for ``retain bench``: GeRe's
+threshold margin loss and the imitation losses, each against its eager reference and that
+reference under torch.compile."""
 
 from __future__ import annotations
 
@@ -6,8 +8,20 @@ from typing import Any
 
 import torch
 
-from retain.bench.harness import Unsupported
-from retain.bench.registry import Case, Impl, Runner, itemsize, register
+from retain.bench.harness import Call, compile_impl, eager_impl, retain_impl, standard_impls
+from retain.bench.registry import Case, cost_model, itemsize, register
+from retain.ops import feature_imitation, kl_imitation, tm_loss
+from retain.ops.margin.reference import feature_imitation_ref, kl_imitation_ref, pack_tm_labels_ref, tm_loss_ref
+
+
+def _numel(p: dict[str, Any]) -> int:
+    """Elements of the [B, L, D] hidden states."""
+    return p["B"] * p["L"] * p["D"]
+
+
+# --------------------------------------------------------------------------------------------
+# tm_loss: GeRe's threshold margin loss of hidden states h against int8 (or packed) labels
+# --------------------------------------------------------------------------------------------
 
 
 def _tm_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
@@ -23,52 +37,19 @@ def _tm_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _tm_runner(fn, inputs) -> Runner:
-    """fwd: the loss; fwd+bwd: its gradient with respect to h."""
-    h = inputs["h"]
-    leaf = h.detach().requires_grad_()
+def _tm_call(packed: bool) -> Call:
+    """fwd: the loss of h; fwd+bwd: its gradient with respect to h. With ``packed`` the labels are
+    packed to 2 bits first (untimed)."""
 
-    def fwdbwd():
-        return torch.autograd.grad(fn(leaf), leaf)
-
-    return Runner(lambda: fn(h), fwdbwd)
-
-
-def _tm_retain(packed: bool):
-    def build(inputs, params, device):
-        from retain import _native
-        from retain.ops import tm_loss
-        from retain.ops.margin.reference import pack_tm_labels_ref
-
-        if not _native.has_kernel("tm_loss", device):
-            raise Unsupported(f"no tm_loss kernel for {device} in this build")
+    def bind(fn, inputs, params):
         labels = pack_tm_labels_ref(inputs["labels"]) if packed else inputs["labels"]
         pos, neg, mask = inputs["pos"], inputs["neg"], inputs["mask"]
-        return _tm_runner(lambda h: tm_loss(h, labels, pos, neg, mask=mask), inputs)
-    return build
+        return lambda h: fn(h, labels, pos, neg, mask=mask)
+
+    return Call(("h",), bind=bind)
 
 
-def _tm_eager(inputs, params, device):
-    from retain.ops.margin.reference import tm_loss_ref
-
-    labels, pos, neg, mask = inputs["labels"], inputs["pos"], inputs["neg"], inputs["mask"]
-    return _tm_runner(lambda h: tm_loss_ref(h, labels, pos, neg, mask=mask), inputs)
-
-
-def _tm_compile(inputs, params, device):
-    import torch._dynamo
-
-    from retain.ops.margin.reference import tm_loss_ref
-
-    torch._dynamo.reset()
-    labels, pos, neg, mask = inputs["labels"], inputs["pos"], inputs["neg"], inputs["mask"]
-    compiled = torch.compile(lambda h: tm_loss_ref(h, labels, pos, neg, mask=mask), fullgraph=True)
-    return _tm_runner(compiled, inputs)
-
-
-def _tm_numel(p):
-    return p["B"] * p["L"] * p["D"]
-
+_TM = _tm_call(packed=False)
 
 register(Case(
     name="tm_loss",
@@ -80,16 +61,13 @@ register(Case(
     make_inputs=_tm_inputs,
     describe=lambda p: f"B={p['B']} L={p['L']} D={p['D']} {p['dtype']}, int8 labels, 'violations'",
     # the bytes the op must move: h and int8 labels in; for fwd+bwd also the gradient out
-    bytes_model={
-        "fwd": lambda p: 5 * _tm_numel(p),
-        "fwd+bwd": lambda p: 9 * _tm_numel(p),
-    },
+    bytes_model=cost_model(_numel, fwd=5, fwdbwd=9),
     impls={
-        "retain": Impl(_tm_retain(False), "retain.ops.tm_loss with int8 labels (native kernel)"),
-        "retain-packed": Impl(_tm_retain(True), "retain.ops.tm_loss with packed 2-bit labels"),
-        "eager": Impl(_tm_eager, "reference tm_loss_ref (eager PyTorch, as GeRe computes it)"),
-        "compile": Impl(_tm_compile, "tm_loss_ref under torch.compile(fullgraph, inductor); warm-up = compile",
-                        jit=True),
+        "retain": retain_impl(tm_loss, _TM, "retain.ops.tm_loss with int8 labels (native kernel)", kernel="tm_loss"),
+        "retain-packed": retain_impl(tm_loss, _tm_call(packed=True), "retain.ops.tm_loss with packed 2-bit labels",
+                                     kernel="tm_loss"),
+        "eager": eager_impl(tm_loss_ref, _TM, "reference tm_loss_ref (eager PyTorch, as GeRe computes it)"),
+        "compile": compile_impl(tm_loss_ref, _TM),
     },
     grad_names=("grad_h",),
     model_note="GB/s from the bytes the op must move: fwd reads h (4 B) and an int8 label (1 B) per element; "
@@ -100,6 +78,11 @@ register(Case(
 ))
 
 
+# --------------------------------------------------------------------------------------------
+# kl_imitation: per-token KL of the model's logits z against the stored z_ref, temperature 2
+# --------------------------------------------------------------------------------------------
+
+
 def _kl_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device).manual_seed(0)
     N, V = p["N"], p["V"]
@@ -108,36 +91,8 @@ def _kl_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
             "z_ref": torch.randn(N, V, generator=gen, device=device).to(dtype) * 2}
 
 
-def _kl_runner(fn, inputs) -> Runner:
-    z, q = inputs["z"], inputs["z_ref"]
-    leaf = z.detach().requires_grad_()
-    return Runner(lambda: fn(z, q), lambda: torch.autograd.grad(fn(leaf, q), leaf))
-
-
-def _kl_retain(inputs, params, device):
-    from retain import _native
-    from retain.ops import kl_imitation
-
-    if not _native.has_kernel("kl_imitation", device):
-        raise Unsupported(f"no kl_imitation kernel for {device} in this build")
-    return _kl_runner(lambda z, q: kl_imitation(z, q, temperature=2.0), inputs)
-
-
-def _kl_eager(inputs, params, device):
-    from retain.ops.margin.reference import kl_imitation_ref
-
-    return _kl_runner(lambda z, q: kl_imitation_ref(z, q, temperature=2.0), inputs)
-
-
-def _kl_compile(inputs, params, device):
-    import torch._dynamo
-
-    from retain.ops.margin.reference import kl_imitation_ref
-
-    torch._dynamo.reset()
-    fn = torch.compile(lambda z, q: kl_imitation_ref(z, q, temperature=2.0), fullgraph=True)
-    return _kl_runner(fn, inputs)
-
+# fwd+bwd: the gradient with respect to z (z_ref is a stored constant)
+_KL = Call(("z", "z_ref"), wrt=("z",), bind=lambda fn, inputs, params: lambda z, q: fn(z, q, temperature=2.0))
 
 register(Case(
     name="kl_imitation",
@@ -149,22 +104,21 @@ register(Case(
     make_inputs=_kl_inputs,
     describe=lambda p: f"N={p['N']} tokens V={p['V']} {p['dtype']}, T=2, 'mean'",
     # the bytes it must move: both logits in (fwd); fwd+bwd also the gradient out
-    bytes_model={
-        "fwd": lambda p: 2 * p["N"] * p["V"] * itemsize(p),
-        "fwd+bwd": lambda p: 3 * p["N"] * p["V"] * itemsize(p),
-    },
-    impls={
-        "retain": Impl(_kl_retain, "retain.ops.kl_imitation (fused native kernel)"),
-        "eager": Impl(_kl_eager, "kl_imitation_ref: log_softmax of both, materialised [N, V] probabilities"),
-        "compile": Impl(_kl_compile, "kl_imitation_ref under torch.compile(fullgraph, inductor); warm-up = compile",
-                        jit=True),
-    },
+    bytes_model=cost_model(lambda p: p["N"] * p["V"] * itemsize(p), fwd=2, fwdbwd=3),
+    impls=standard_impls(kl_imitation, kl_imitation_ref, _KL, kernel="kl_imitation",
+                         retain="retain.ops.kl_imitation (fused native kernel)",
+                         eager="kl_imitation_ref: log_softmax of both, materialised [N, V] probabilities"),
     grad_names=("grad_z",),
     model_note="GB/s from the bytes it must move: z and z_ref in (fwd); fwd+bwd also the gradient out. "
                "retain's forward reads each row twice (the second time from L2); with z requiring grad it also "
                "writes the gradient there and the backward only hands it out",
     rtol=1e-4, atol=1e-6,
 ))
+
+
+# --------------------------------------------------------------------------------------------
+# feature_imitation: per-token L1 / squared L2 distance of hidden states h to the stored h_ref
+# --------------------------------------------------------------------------------------------
 
 
 def _fi_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
@@ -176,41 +130,9 @@ def _fi_inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
             "mask": torch.rand(B, L, generator=gen, device=device) > 0.1}
 
 
-def _fi_runner(fn, inputs) -> Runner:
-    """fwd: the loss; fwd+bwd: its gradient with respect to h (h_ref is a stored constant)."""
-    h, q, mask = inputs["h"], inputs["h_ref"], inputs["mask"]
-    leaf = h.detach().requires_grad_()
-    return Runner(lambda: fn(h, q, mask), lambda: torch.autograd.grad(fn(leaf, q, mask), leaf))
-
-
-def _fi_retain(inputs, params, device):
-    from retain import _native
-    from retain.ops import feature_imitation
-
-    if not _native.has_kernel("feature_imitation", device):
-        raise Unsupported(f"no feature_imitation kernel for {device} in this build")
-    return _fi_runner(lambda h, q, m: feature_imitation(h, q, p=params["p"], mask=m), inputs)
-
-
-def _fi_eager(inputs, params, device):
-    from retain.ops.margin.reference import feature_imitation_ref
-
-    return _fi_runner(lambda h, q, m: feature_imitation_ref(h, q, p=params["p"], mask=m), inputs)
-
-
-def _fi_compile(inputs, params, device):
-    import torch._dynamo
-
-    from retain.ops.margin.reference import feature_imitation_ref
-
-    torch._dynamo.reset()
-    fn = torch.compile(lambda h, q, m: feature_imitation_ref(h, q, p=params["p"], mask=m), fullgraph=True)
-    return _fi_runner(fn, inputs)
-
-
-def _fi_numel(p):
-    return p["B"] * p["L"] * p["D"]
-
+# fwd+bwd: the gradient with respect to h (h_ref is a stored constant)
+_FI = Call(("h", "h_ref", "mask"), wrt=("h",),
+           bind=lambda fn, inputs, params: lambda h, q, m: fn(h, q, p=params["p"], mask=m))
 
 register(Case(
     name="feature_imitation",
@@ -222,16 +144,10 @@ register(Case(
     make_inputs=_fi_inputs,
     describe=lambda p: f"B={p['B']} L={p['L']} D={p['D']} p={p['p']} {p['dtype']}, 90% of tokens masked in, 'mean'",
     # the bytes it must move: h and h_ref in (fwd); fwd+bwd also the gradient of h out
-    bytes_model={
-        "fwd": lambda p: 2 * _fi_numel(p) * itemsize(p),
-        "fwd+bwd": lambda p: 3 * _fi_numel(p) * itemsize(p),
-    },
-    impls={
-        "retain": Impl(_fi_retain, "retain.ops.feature_imitation (fused native kernel)"),
-        "eager": Impl(_fi_eager, "feature_imitation_ref: materialised [B, L, D] difference (eager PyTorch)"),
-        "compile": Impl(_fi_compile, "feature_imitation_ref under torch.compile(fullgraph, inductor); "
-                        "warm-up = compile", jit=True),
-    },
+    bytes_model=cost_model(lambda p: _numel(p) * itemsize(p), fwd=2, fwdbwd=3),
+    impls=standard_impls(feature_imitation, feature_imitation_ref, _FI, kernel="feature_imitation",
+                         retain="retain.ops.feature_imitation (fused native kernel)",
+                         eager="feature_imitation_ref: materialised [B, L, D] difference (eager PyTorch)"),
     grad_names=("grad_h",),
     model_note="GB/s from the bytes it must move: h and h_ref in (fwd); fwd+bwd also the gradient of h out. "
                "with h requiring grad and a 'mean'/'sum' loss retain's forward writes the gradient and the "

@@ -93,3 +93,10 @@ def register(case: Case) -> Case:
 def itemsize(params: dict[str, Any]) -> int:
     """Bytes per element of the case's ``dtype`` parameter (for bytes models)."""
     return torch.empty(0, dtype=getattr(torch, params["dtype"])).element_size()
+
+
+def cost_model(unit: Callable[[dict[str, Any]], int], fwd: int,
+               fwdbwd: int) -> dict[str, Callable[[dict[str, Any]], int]]:
+    """A bytes or flops model of ``fwd`` units for a forward call and ``fwdbwd`` units for forward
+    and backward, each unit ``unit(params)`` (e.g. the bytes of one tensor)."""
+    return {"fwd": lambda p: fwd * unit(p), "fwd+bwd": lambda p: fwdbwd * unit(p)}
