@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-from retain import bench  # noqa: E402
+from retain.bench import harness, machine, registry  # noqa: E402
 
 SIZE = os.environ.get("RETAIN_BENCH_SIZE", "default")
 DEVICE = os.environ.get("RETAIN_BENCH_DEVICE", "cpu")
@@ -28,7 +28,7 @@ MAX_CALL_S = float(os.environ.get("RETAIN_BENCH_MAX_CALL_S", "10"))
 
 def pytest_configure(config):
     if os.environ.get("RETAIN_BENCH_COLD_HEAP", "") not in ("1", "true", "yes"):
-        bench.warm_heap()
+        machine.warm_heap()
 
 
 _INPUTS: dict = {}
@@ -47,7 +47,7 @@ def _inputs(case, params):
 def _expected(case, params, inputs, direction):
     key = (case.name, SIZE, DEVICE, direction)
     if key not in _EXPECTED:
-        _, _, _EXPECTED[key] = bench.warm_up(case, case.reference, direction, inputs, params, DEVICE)
+        _, _, _EXPECTED[key] = harness.warm_up(case, case.reference, direction, inputs, params, DEVICE)
     return _EXPECTED[key]
 
 
@@ -62,17 +62,17 @@ def run_bench(benchmark):
 
             if not torch.cuda.is_available():
                 pytest.skip("RETAIN_BENCH_DEVICE=cuda but no GPU")
-        case = bench.REGISTRY[op]
+        case = registry.REGISTRY[op]
         params = case.sizes[SIZE]
         inputs = _inputs(case, params)
         expected = None if impl == case.reference else _expected(case, params, inputs, direction)
         try:
-            fn, warm, _ = bench.warm_up(case, impl, direction, inputs, params, DEVICE, expected)
-        except (ImportError, bench.Unsupported) as exc:
-            pytest.skip(bench.status_of(exc))
+            fn, warm, _ = harness.warm_up(case, impl, direction, inputs, params, DEVICE, expected)
+        except (ImportError, harness.Unsupported) as exc:
+            pytest.skip(harness.status_of(exc))
         if warm > MAX_CALL_S:
             pytest.skip(f"first call took {warm:.1f} s (> RETAIN_BENCH_MAX_CALL_S={MAX_CALL_S:g})")
-        first = bench.time_calls(fn, DEVICE, reps=1, budget_s=0, min_reps=1)[0]
+        first = harness.time_calls(fn, DEVICE, reps=1, budget_s=0, min_reps=1)[0]
         rounds = max(3, min(100, int(BUDGET_S / max(first, 1e-9))))
         benchmark.group = f"{op} {case.describe(params)} {DEVICE} {direction}"
         benchmark.extra_info.update(warmup_s=warm, impl=impl, direction=direction, note=case.impls[impl].note)

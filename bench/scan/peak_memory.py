@@ -29,8 +29,8 @@ elif impl == "eager":
     from retain.ops.scan.reference import gated_delta_rule_ref as fn
     run = lambda: fn(q, k, v, g, beta)[0]
 else:
-    from retain.ops.scan._bench import _load_fla_naive
-    naive = _load_fla_naive()
+    from retain.bench.scan import load_fla_naive
+    naive = load_fla_naive()
     run = lambda: naive(q, k, v, beta, g)[0]
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()

@@ -8,7 +8,7 @@ eager reference, torch.compile and peers: the implementations of ``retain.bench`
 
 import pytest
 
-from retain.bench import DIRECTIONS, REGISTRY
+from retain.bench.registry import DIRECTIONS, REGISTRY
 
 CASE = REGISTRY["linear_recurrence"]
 

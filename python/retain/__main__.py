@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build facts, kernels per device and a smoke test").set_defaults(fn=_info)
     bench = sub.add_parser("bench", help="benchmark ops against their references and peers")
-    from retain.bench import add_arguments, run_cli
+    from retain.bench.cli import add_arguments, run_cli
 
     add_arguments(bench)
     bench.set_defaults(fn=run_cli)
