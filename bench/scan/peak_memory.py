@@ -2,7 +2,7 @@
 autograd through the loop references. Each implementation runs in a fresh process; the figure
 is the growth of peak RSS over the RSS after the inputs were made.
 
-    python bench/scan/peak_memory.py [--T 8192] [--out bench/results/memory_scan_peak_memory.md]
+    python bench/scan/peak_memory.py [--T 8192] [--out bench/results/gated_delta_rule_peak_memory.md]
 """
 
 from __future__ import annotations
