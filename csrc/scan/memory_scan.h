@@ -10,7 +10,7 @@
 
 namespace retain::scan {
 
-// Codes Python passes (exported by bindings.cpp as retain._C.memory_scan_objectives / _gate_kinds,
+// Codes Python passes (exported by scan/bind.cpp as retain._C.memory_scan_objectives / _gate_kinds,
 // keyed by the names below, which are the Python API's).
 enum class Objective : int { Dot = 0, L2 = 1, Lp = 2, Huber = 3 };
 enum class GateKind : int { None = 0, PerHead = 1, PerKey = 2 };
