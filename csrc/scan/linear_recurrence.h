@@ -1,6 +1,6 @@
-// Shared per-step math of the first-order linear recurrence h_t = a_t * h_{t-1} + x_t,
-// used by the CPU loops (scan_cpu.cpp) and the CUDA kernels (scan_cuda.cu). Derivation of the
-// backward pass: csrc/scan/README.md.
+// Shared per-step math of the first-order linear recurrence h_t = a_t * h_{t-1} + x_t, used by
+// the CPU loops (linear_recurrence_cpu.cpp) and the CUDA kernels (linear_recurrence_cuda.cu).
+// Derivation of the backward pass: csrc/scan/README.md.
 #pragma once
 
 #include <cstdint>

@@ -8,7 +8,7 @@
 #include "common/cpu_capability.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
-#include "margin/feature.h"
+#include "margin/feature_imitation.h"
 #include "margin/margin.h"
 
 namespace retain::margin {

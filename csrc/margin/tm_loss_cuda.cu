@@ -11,8 +11,8 @@
 
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
-#include "margin/feature.h"
-#include "margin/kl.h"
+#include "margin/feature_imitation.h"
+#include "margin/kl_imitation.h"
 #include "margin/margin.h"
 #include "margin/tm_loss.h"
 

@@ -20,7 +20,7 @@
 #include "common/stream_store.h"
 #include "common/vec.h"
 #include "margin/margin.h"
-#include "margin/kl.h"
+#include "margin/kl_imitation.h"
 #include "margin/tm_loss.h"
 
 namespace retain::margin {
