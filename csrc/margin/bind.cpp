@@ -9,7 +9,9 @@
 #include "common/bind.h"
 #include "common/dispatch.h"
 #include "common/errors.h"
-#include "margin/margin.h"
+#include "margin/feature_imitation.h"
+#include "margin/kl_imitation.h"
+#include "margin/tm_loss.h"
 
 namespace py = pybind11;
 using std::uintptr_t;

@@ -9,7 +9,6 @@
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "margin/feature_imitation.h"
-#include "margin/margin.h"
 
 namespace retain::margin {
 namespace {

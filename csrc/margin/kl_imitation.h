@@ -1,11 +1,13 @@
-// Per-row pieces of the fused KL imitation loss, KL(softmax(z_ref/T) || softmax(z/T)), shared by
-// the CPU loops and (later) the CUDA kernels. Derivation: csrc/margin/README.md.
+// kl_imitation, the fused KL(softmax(z_ref/T) || softmax(z/T)) of every token's logits: per-row
+// pieces shared by the CPU loops (kl_imitation_cpu.cpp) and the CUDA kernels
+// (kl_imitation_cuda.cu), and their launchers. Derivation: csrc/margin/README.md.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#include "common/cpu_capability.h"
 #include "common/host_device.h"
 
 namespace retain::margin {
@@ -43,5 +45,41 @@ template <typename A>
 RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A lse_of(A m, A s) {
   return m + std::log(s);
 }
+
+// Launchers, one row of V logits per token: loss[n] = KL(softmax(z_ref/T) || softmax(z/T)),
+// lse[n], lse_ref[n] the log-sum-exps of z/T and z_ref/T (saved for the backward). Rows whose
+// mask is 0 get loss 0. CPU launchers: one build per CPU capability C (call through
+// retain::cpu_dispatch).
+template <CpuCapability C, typename T>
+void kl_imitation_fwd_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
+                          double* loss, double* lse, double* lse_ref, int nthreads);
+
+// grad_z = g[n] / T * (p - p_ref); grad_z_ref = g[n] / T * p_ref * (log p_ref - log p - loss[n])
+// (either may be null); g is the incoming gradient of each row's loss (0 where masked).
+template <CpuCapability C, typename T>
+void kl_imitation_bwd_cpu(const T* z, const T* z_ref, const double* g, const double* loss, const double* lse,
+                          const double* lse_ref, int64_t N, int64_t V, double inv_t, T* grad_z, T* grad_z_ref,
+                          int nthreads);
+
+// The forward with the gradient of a reduced loss fused in (for loss.backward() on 'mean'/'sum'):
+// kl_imitation_fwd_cpu's outputs, and the backward's grad_z / grad_z_ref for g[n] = grad_scale
+// where mask is 1 and 0 elsewhere (either may be null). The exps of the sums are kept in a
+// per-thread row buffer, so the gradient costs no exp of its own.
+template <CpuCapability C, typename T>
+void kl_imitation_fwd_grad_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
+                               double grad_scale, double* loss, double* lse, double* lse_ref, T* grad_z,
+                               T* grad_z_ref, int nthreads);
+
+#ifdef RETAIN_WITH_CUDA
+// CUDA launchers: the CPU launchers' outputs, every pointer in device memory, enqueued on `stream`.
+template <typename T>
+void kl_imitation_fwd_cuda(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
+                           double* loss, double* lse, double* lse_ref, std::uintptr_t stream);
+
+template <typename T>
+void kl_imitation_bwd_cuda(const T* z, const T* z_ref, const double* g, const double* loss, const double* lse,
+                           const double* lse_ref, int64_t N, int64_t V, double inv_t, T* grad_z, T* grad_z_ref,
+                           std::uintptr_t stream);
+#endif
 
 }  // namespace retain::margin

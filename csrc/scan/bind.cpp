@@ -7,7 +7,8 @@
 #include "common/bind.h"
 #include "common/dispatch.h"
 #include "common/errors.h"
-#include "scan/scan.h"
+#include "scan/linear_recurrence.h"
+#include "scan/memory_scan.h"
 
 namespace py = pybind11;
 using std::uintptr_t;

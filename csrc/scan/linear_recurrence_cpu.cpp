@@ -9,7 +9,6 @@
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "scan/linear_recurrence.h"
-#include "scan/scan.h"
 
 namespace retain::scan {
 namespace {

@@ -5,7 +5,6 @@
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "scan/linear_recurrence.h"
-#include "scan/scan.h"
 
 namespace retain::scan {
 namespace {

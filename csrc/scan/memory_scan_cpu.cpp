@@ -11,7 +11,6 @@
 #include "common/parallel.h"
 #include "common/vec.h"
 #include "scan/memory_scan.h"
-#include "scan/scan.h"
 
 namespace retain::scan {
 namespace {

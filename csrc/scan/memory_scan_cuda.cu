@@ -13,7 +13,6 @@
 #include "common/dtype.h"
 #include "common/errors.h"
 #include "scan/memory_scan.h"
-#include "scan/scan.h"
 
 namespace retain::scan {
 namespace {

@@ -53,6 +53,6 @@ LINEAR = emulate.CSRC / "scan" / "linear_recurrence_cuda.cu"
 
 
 def test_emulated_linear_recurrence_cuda_kernels(tmp_path):
-    exe = emulate.build(LINEAR, emulate.EMU / "linear_recurrence_harness.cpp", [emulate.CSRC / "scan" / "linear_recurrence_cpu.cpp"],
-                        tmp_path, dynamic=0, static=0, launches=2)
+    exe = emulate.build(LINEAR, emulate.EMU / "linear_recurrence_harness.cpp",
+                        [emulate.CSRC / "scan" / "linear_recurrence_cpu.cpp"], tmp_path, dynamic=0, static=0, launches=2)
     emulate.run(exe)
