@@ -3,9 +3,10 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/dtype.h"
 #include "common/buffer.h"
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
+#include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "margin/feature_imitation.h"
@@ -158,10 +159,7 @@ void feature_imitation_fwd_grad_cpu(const T* h, const T* h_ref, const uint8_t* m
                                              int);                                                             \
   template void feature_imitation_bwd_cpu<kThisCpu, T>(const T*, const T*, const double*, const uint8_t*, int64_t, int64_t, \
                                              int, T*, T*, int);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::margin

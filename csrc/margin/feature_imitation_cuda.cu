@@ -6,6 +6,7 @@
 
 #include "common/cuda_rows.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "margin/feature_imitation.h"
 
@@ -91,10 +92,7 @@ void feature_imitation_bwd_cuda(const T* h, const T* h_ref, const double* g, con
                                               double*, std::uintptr_t);                                        \
   template void feature_imitation_bwd_cuda<T>(const T*, const T*, const double*, const uint8_t*, int64_t,       \
                                               int64_t, int, T*, T*, std::uintptr_t);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::margin

@@ -7,6 +7,7 @@
 
 #include "common/buffer.h"
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
@@ -270,10 +271,7 @@ void kl_imitation_fwd_grad_cpu(const T* z, const T* z_ref, const uint8_t* mask, 
                                         double*, double*, int);                                                \
   template void kl_imitation_bwd_cpu<kThisCpu, T>(const T*, const T*, const double*, const double*, const double*,        \
                                         const double*, int64_t, int64_t, double, T*, T*, int);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::margin

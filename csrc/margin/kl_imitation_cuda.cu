@@ -7,6 +7,7 @@
 
 #include "common/cuda_rows.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "margin/kl_imitation.h"
 
@@ -140,10 +141,7 @@ void kl_imitation_bwd_cuda(const T* z, const T* z_ref, const double* g, const do
                                          double*, double*, std::uintptr_t);                                    \
   template void kl_imitation_bwd_cuda<T>(const T*, const T*, const double*, const double*, const double*,       \
                                          const double*, int64_t, int64_t, double, T*, T*, std::uintptr_t);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::margin

@@ -13,9 +13,10 @@
 #include <immintrin.h>
 #endif
 
-#include "common/dtype.h"
 #include "common/buffer.h"
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
+#include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "common/vec.h"
@@ -410,14 +411,9 @@ template void tm_loss_bwd_bits_cpu<kThisCpu, f16_t>(const uint16_t*, int64_t, in
                                                 int64_t*, uint16_t*, int);                                     \
   template void tm_loss_bwd_cpu<kThisCpu, T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
                                                 bool, const uint8_t*, int64_t, int64_t, int64_t, double, T*, int);
-RETAIN_INSTANTIATE(float, int8_t)
-RETAIN_INSTANTIATE(float, uint8_t)
-RETAIN_INSTANTIATE(double, int8_t)
-RETAIN_INSTANTIATE(double, uint8_t)
-RETAIN_INSTANTIATE(bf16_t, int8_t)
-RETAIN_INSTANTIATE(bf16_t, uint8_t)
-RETAIN_INSTANTIATE(f16_t, int8_t)
-RETAIN_INSTANTIATE(f16_t, uint8_t)
+#define RETAIN_INSTANTIATE_LABELS(T) RETAIN_INSTANTIATE(T, int8_t) RETAIN_INSTANTIATE(T, uint8_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE_LABELS)
+#undef RETAIN_INSTANTIATE_LABELS
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::margin

@@ -6,6 +6,7 @@
 
 #include "common/cuda_rows.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "margin/tm_loss.h"
 
@@ -98,21 +99,16 @@ void tm_loss_bwd_cuda(const T* h, const Lab* labels, int64_t label_row, const A*
   cuda_check(cudaGetLastError(), "retain::tm_loss (CUDA backward)");
 }
 
-#define RETAIN_INSTANTIATE_TM(T, Lab)                                                                          \
+#define RETAIN_INSTANTIATE(T, Lab)                                                                             \
   template void tm_loss_fwd_cuda<T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
                                                  bool, const uint8_t*, int64_t, int64_t, int64_t, double*,      \
                                                  int64_t*, std::uintptr_t);                                     \
   template void tm_loss_bwd_cuda<T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
                                                  bool, const uint8_t*, int64_t, int64_t, int64_t, const double*, \
                                                  T*, std::uintptr_t);
-#define RETAIN_INSTANTIATE(T)                                                                                  \
-  RETAIN_INSTANTIATE_TM(T, int8_t)                                                                             \
-  RETAIN_INSTANTIATE_TM(T, uint8_t)
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+#define RETAIN_INSTANTIATE_LABELS(T) RETAIN_INSTANTIATE(T, int8_t) RETAIN_INSTANTIATE(T, uint8_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE_LABELS)
+#undef RETAIN_INSTANTIATE_LABELS
 #undef RETAIN_INSTANTIATE
-#undef RETAIN_INSTANTIATE_TM
 
 }  // namespace retain::margin

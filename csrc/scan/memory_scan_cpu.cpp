@@ -8,6 +8,7 @@
 
 #include "common/buffer.h"
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
 #include "common/parallel.h"
 #include "common/vec.h"
 #include "scan/memory_scan.h"
@@ -631,10 +632,7 @@ void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>&
 #define RETAIN_INSTANTIATE(T)                                                              \
   template void memory_scan_fwd_cpu<kThisCpu, T>(const MemoryScanParams<T>&, int);                   \
   template void memory_scan_bwd_cpu<kThisCpu, T>(const MemoryScanParams<T>&, const MemoryScanGrads<T>&, int);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::scan
