@@ -143,12 +143,12 @@ RETAIN_FORCE_INLINE void interval16(__mmask64 kp, __mmask64 kn, int j, const flo
   hi = _mm512_mask_mov_ps(_mm512_mask_blend_ps(n, Pv, Nv), p, _mm512_set1_ps(INFINITY));
 }
 
-// Loss sum and violation count of the first D / 64 * 64 elements of a row; returns that count.
-template <typename T, typename Lab>
-int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P, const float* N, int64_t D,
-                          float& sum, float& count, uint16_t* bits) {
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-  __m512 vs = zero, vc = zero;
+// Calls f(e0, x, lo, hi) for every 16 elements e0 .. e0 + 15 of the first D / 64 * 64 of a row: x
+// their values as floats, [lo, hi] their intervals; the next row is prefetched on the way. Returns
+// D / 64 * 64.
+template <typename T, typename Lab, typename F>
+RETAIN_FORCE_INLINE int64_t tm_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P,
+                                          const float* N, int64_t D, const F& f) {
   const int64_t D64 = D / 64 * 64;
   const Lab* lab_next = lab + label_row;
   for (int64_t d = 0; d < D64; d += 64) {
@@ -159,17 +159,29 @@ int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const f
       const int64_t e0 = d + 16 * j;
       __m512 lo, hi;
       interval16(kp, kn, j, P + e0, N + e0, lo, hi);
-      const __m512 x = load16(h + e0);
-      const __m512 e = _mm512_add_ps(_mm512_max_ps(_mm512_sub_ps(lo, x), zero),
-                                     _mm512_max_ps(_mm512_sub_ps(x, hi), zero));
-      vs = _mm512_add_ps(vs, e);
-      vc = _mm512_mask_add_ps(vc, _mm512_cmp_ps_mask(e, zero, _CMP_GT_OQ), vc, one);
-      if (bits) {
-        bits[e0 / 8] = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
-        bits[e0 / 8 + 1] = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-      }
+      f(e0, load16(h + e0), lo, hi);
     }
   }
+  return D64;
+}
+
+// Loss sum and violation count of the first D / 64 * 64 elements of a row; returns that count.
+template <typename T, typename Lab>
+int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P, const float* N, int64_t D,
+                          float& sum, float& count, uint16_t* bits) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  __m512 vs = zero, vc = zero;
+  const int64_t D64 = tm_row_avx512(h, lab, label_row, P, N, D,
+                                    [&](int64_t e0, __m512 x, __m512 lo, __m512 hi) __attribute__((always_inline)) {
+    const __m512 e =
+        _mm512_add_ps(_mm512_max_ps(_mm512_sub_ps(lo, x), zero), _mm512_max_ps(_mm512_sub_ps(x, hi), zero));
+    vs = _mm512_add_ps(vs, e);
+    vc = _mm512_mask_add_ps(vc, _mm512_cmp_ps_mask(e, zero, _CMP_GT_OQ), vc, one);
+    if (bits) {
+      bits[e0 / 8] = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+      bits[e0 / 8 + 1] = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    }
+  });
   sum = _mm512_reduce_add_ps(vs);
   count = _mm512_reduce_add_ps(vc);
   return D64;
@@ -181,23 +193,12 @@ template <typename T, typename Lab>
 int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P, const float* N, int64_t D,
                           float scale, float* g, bool stream) {
   const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
-  const int64_t D64 = D / 64 * 64;
-  const Lab* lab_next = lab + label_row;
-  for (int64_t d = 0; d < D64; d += 64) {
-    prefetch_next_row(h + d, lab_next + label_offset<Lab>(d), D);
-    __mmask64 kp, kn;
-    label_masks(lab, d, kp, kn);
-    for (int j = 0; j < 4; ++j) {
-      const int64_t e0 = d + 16 * j;
-      __m512 lo, hi;
-      interval16(kp, kn, j, P + e0, N + e0, lo, hi);
-      const __m512 x = load16(h + e0);
-      const __m512 out = _mm512_add_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), plus),
-                                       _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), minus));
-      if (stream) _mm512_stream_ps(g + e0, out); else _mm512_storeu_ps(g + e0, out);
-    }
-  }
-  return D64;
+  return tm_row_avx512(h, lab, label_row, P, N, D,
+                       [&](int64_t e0, __m512 x, __m512 lo, __m512 hi) __attribute__((always_inline)) {
+    const __m512 out = _mm512_add_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), plus),
+                                     _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), minus));
+    if (stream) _mm512_stream_ps(g + e0, out); else _mm512_storeu_ps(g + e0, out);
+  });
 }
 // grad = scale * slope of the first D / 16 * 16 elements from the slope bits; returns that count.
 int64_t tm_bits_row_avx512(const uint16_t* bits, int64_t D, float scale, float* g, bool stream) {

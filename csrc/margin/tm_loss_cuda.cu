@@ -26,6 +26,26 @@ struct SumCount {  // tm_loss: a row's loss and its number of violations
   }
 };
 
+// Row r of tm_loss's inputs: its h and labels, and its thresholds (per sample: those of sample
+// r / L); the loss and slope of element d are the CPU's (tm_element, tm_slope).
+template <typename T, typename Lab, typename A>
+struct TmRow {
+  const T* h;
+  const Lab* lab;
+  const A* pos;
+  const A* neg;
+  __device__ TmRow(const T* h_, const Lab* labels, int64_t label_row, const A* pos_, const A* neg_, bool per_sample,
+                   int64_t r, int64_t L, int64_t D) {
+    const int64_t b = r / L;
+    pos = per_sample ? pos_ + b * D : pos_;
+    neg = per_sample ? neg_ + b * D : neg_;
+    h = h_ + r * D;
+    lab = labels + r * label_row;
+  }
+  __device__ A loss(int64_t d) const { return tm_element(load_as<A>(h[d]), label_at(lab, d), pos[d], neg[d]); }
+  __device__ A slope(int64_t d) const { return tm_slope(load_as<A>(h[d]), label_at(lab, d), pos[d], neg[d]); }
+};
+
 template <typename T, typename Lab, typename A>
 __global__ void tm_fwd_kernel(const T* __restrict__ h, const Lab* __restrict__ labels, int64_t label_row,
                               const A* __restrict__ pos, const A* __restrict__ neg, bool per_sample,
@@ -36,14 +56,10 @@ __global__ void tm_fwd_kernel(const T* __restrict__ h, const Lab* __restrict__ l
       if (threadIdx.x == 0) row_sum[r] = 0.0, row_count[r] = 0;
       continue;
     }
-    const int64_t b = r / L;
-    const A* p = per_sample ? pos + b * D : pos;
-    const A* n = per_sample ? neg + b * D : neg;
-    const T* hr = h + r * D;
-    const Lab* lr = labels + r * label_row;
+    const TmRow<T, Lab, A> row(h, labels, label_row, pos, neg, per_sample, r, L, D);
     SumCount<A> part = SumCount<A>::identity();
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const A e = tm_element(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]);
+      const A e = row.loss(d);
       part.sum += e;
       part.count += e > A(0) ? 1 : 0;
     }
@@ -64,14 +80,8 @@ __global__ void tm_bwd_kernel(const T* __restrict__ h, const Lab* __restrict__ l
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) store_as(gr[d], A(0));
       continue;
     }
-    const int64_t b = r / L;
-    const A* p = per_sample ? pos + b * D : pos;
-    const A* n = per_sample ? neg + b * D : neg;
-    const T* hr = h + r * D;
-    const Lab* lr = labels + r * label_row;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      store_as(gr[d], sc * tm_slope(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]));
-    }
+    const TmRow<T, Lab, A> row(h, labels, label_row, pos, neg, per_sample, r, L, D);
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) store_as(gr[d], sc * row.slope(d));
   }
 }
 
