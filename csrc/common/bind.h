@@ -15,6 +15,10 @@
 // device only, or whose arguments differ between devices, is bound with one device,
 // bind::def<bind::Cpu>(...), and calls its launcher with RETAIN_CPU (or, under RETAIN_WITH_CUDA,
 // directly).
+//
+// A binding file includes this header and its ops' headers only: it brings the argument checks
+// (errors.h), the dtype dispatch (dispatch.h) and, in namespace retain, py (pybind11), Cpu, Cuda
+// and uintptr_t.
 #pragma once
 
 #include <algorithm>
@@ -27,6 +31,8 @@
 #include <pybind11/pybind11.h>
 
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
+#include "common/errors.h"
 
 #if defined(RETAIN_CPU_CAPABILITY)
 #error "common/bind.h is for the binding files (csrc/module.cpp, csrc/<family>/bind.cpp), compiled once"
@@ -148,3 +154,10 @@ void def(py::module_& m, KernelTable& kernels, const char* op, const char* stem,
 }
 
 }  // namespace retain::bind
+
+namespace retain {
+namespace py = pybind11;
+using bind::Cpu;
+using bind::Cuda;
+using std::uintptr_t;
+}  // namespace retain

@@ -1,26 +1,15 @@
 // The margin family's entries in retain._C (tm_loss, kl_imitation, feature_imitation). Thin:
 // pointer checks, dtype dispatch, the launcher call (common/bind.h); no math.
-#include <cstdint>
 #include <string>
 #include <type_traits>
 
-#include <pybind11/pybind11.h>
-
 #include "common/bind.h"
-#include "common/dispatch.h"
-#include "common/errors.h"
 #include "margin/feature_imitation.h"
 #include "margin/kl_imitation.h"
 #include "margin/tm_loss.h"
 
-namespace py = pybind11;
-using std::uintptr_t;
-
 namespace retain {
 namespace {
-
-using bind::Cpu;
-using bind::Cuda;
 
 constexpr const char* kTmLoss = "retain::tm_loss";
 constexpr const char* kKl = "retain::kl_imitation";

@@ -1,23 +1,11 @@
 // The scan family's entries in retain._C (linear_recurrence, memory_scan) and its codes. Thin:
 // pointer checks, dtype dispatch, the launcher call (common/bind.h); no math.
-#include <cstdint>
-
-#include <pybind11/pybind11.h>
-
 #include "common/bind.h"
-#include "common/dispatch.h"
-#include "common/errors.h"
 #include "scan/linear_recurrence.h"
 #include "scan/memory_scan.h"
 
-namespace py = pybind11;
-using std::uintptr_t;
-
 namespace retain {
 namespace {
-
-using bind::Cpu;
-using bind::Cuda;
 
 constexpr const char* kLinearRecurrence = "retain::linear_recurrence";
 constexpr const char* kMemoryScan = "retain::memory_scan";
