@@ -353,7 +353,6 @@ struct Workspace {
 // The forward of one (sequence, head) unit.
 template <typename T>
 RETAIN_FORCE_INLINE void fwd_unit(const MemoryScanParams<T>& P, int64_t n, Workspace<Acc<T>>& ws) {
-  using A = Acc<T>;
   const int64_t V = P.V, KV = P.K * V, C = P.ckpt_every, L = P.states_every;
   const bool momentum = P.momentum;
   Unit<T> u(P, n);
