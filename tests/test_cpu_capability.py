@@ -182,7 +182,8 @@ def test_symbol_check_flags_code_shared_across_capabilities(tmp_path, source, fl
 
 AARCH64_CXX = shutil.which("aarch64-linux-gnu-g++")
 QEMU_AARCH64 = shutil.which("qemu-aarch64")
-KERNEL_SOURCES = ["scan/scan_cpu.cpp", "scan/memory_scan_cpu.cpp", "margin/margin_cpu.cpp", "margin/feature_cpu.cpp"]
+KERNEL_SOURCES = ["scan/linear_recurrence_cpu.cpp", "scan/memory_scan_cpu.cpp", "margin/tm_loss_cpu.cpp",
+                  "margin/kl_imitation_cpu.cpp", "margin/feature_imitation_cpu.cpp"]
 
 
 def test_kernel_sources_are_the_ones_cmake_builds():

@@ -4,9 +4,10 @@
 // that capability's -march flags and RETAIN_CPU_CAPABILITY set to its code (CMakeLists.txt). Its
 // launchers are function templates whose first parameter is the capability; each compilation
 // instantiates them for its own capability only, so the three builds of one file have distinct
-// symbols. Callers (csrc/bindings.cpp, compiled for the baseline) reach them through
-// cpu_dispatch, which calls the instantiation of the active capability. csrc/common/README.md
-// says why this scheme and not target_clones, Highway or xsimd.
+// symbols. Callers (the binding files csrc/<family>/bind.cpp, compiled for the baseline) reach
+// them through cpu_dispatch (RETAIN_CPU / RETAIN_LAUNCH, common/bind.h), which calls the
+// instantiation of the active capability. csrc/common/README.md says why this scheme and not
+// target_clones, Highway or xsimd.
 #pragma once
 
 #include <string>

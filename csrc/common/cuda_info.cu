@@ -1,4 +1,4 @@
-// Build facts of the CUDA side, so bindings.cpp needs no CUDA headers.
+// Build facts of the CUDA side, so csrc/module.cpp needs no CUDA headers.
 #include <cuda_runtime_api.h>
 
 #include "common/cuda_info.h"

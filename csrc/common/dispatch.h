@@ -1,4 +1,5 @@
-// Run a generic lambda with `scalar_t` bound to the storage type a dtype code names.
+// Run a generic lambda with `scalar_t` bound to the storage type a dtype code names, and
+// instantiate a kernel's launchers for each of those types.
 #pragma once
 
 #include <stdexcept>
@@ -17,3 +18,10 @@
     throw std::invalid_argument(std::string(OP_NAME) + ": unsupported dtype code " +        \
                                 std::to_string(static_cast<int>(DTYPE_CODE)));              \
   }()
+
+// M(T) for each storage type RETAIN_DISPATCH_FLOATING binds scalar_t to: a kernel file's explicit
+// instantiations,
+//   #define RETAIN_INSTANTIATE(T) template void foo_fwd_cpu<kThisCpu, T>(const T*, T*, int64_t, int);
+//   RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
+//   #undef RETAIN_INSTANTIATE
+#define RETAIN_FOR_EACH_FLOATING(M) M(float) M(double) M(::retain::bf16_t) M(::retain::f16_t)

@@ -10,7 +10,7 @@
 
 namespace retain {
 
-// Codes Python passes with every kernel call: exported by bindings.cpp as retain._C.dtype_codes
+// Codes Python passes with every kernel call: exported by csrc/module.cpp as retain._C.dtype_codes
 // (keyed by dtype_name), which python/retain/_native.py reads into DTYPE_CODES.
 enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 

@@ -10,6 +10,7 @@
 
 #include "common/cpu_capability.h"
 #include "common/dtype.h"
+#include "common/exp_poly.h"
 #include "common/host_device.h"
 
 #if !defined(RETAIN_CPU_CAPABILITY)
@@ -138,30 +139,19 @@ RETAIN_FORCE_INLINE void vstore_f(f16_t* p, VF v) {
   for (int l = 0; l < kFloatLanes; ++l) p[l] = from_float_f16(v[l]);
 }
 
-// exp of a vector of floats: the vector form of margin::exp_vec<float> (same range reduction and
-// polynomial, so both agree to the bit): x = n ln2 + r, e^r by a degree-6 polynomial, 2^n through
-// the exponent bits; inputs clamped to [-87, 88]. n = round(x log2 e) by the 1.5 * 2^23 trick
-// (exact for |x log2 e| < 2^22), which the vector extensions can express without a floor.
+// exp of a vector of floats: the vector form of margin::exp_vec<float> (the same exp_poly, so both
+// agree to the bit), 2^n through the exponent bits; inputs clamped to [-87, 88].
 // NonPositive: x - max or a log-probability (<= 0 up to rounding, far below 88), so the upper
 // clamp goes.
 template <bool NonPositive = false>
 RETAIN_FORCE_INLINE VF vexp(VF x) {
-  using V = Vec<float>::type;
   using I = Vec<float>::itype;
   x = x < -87.0f ? vsplat(-87.0f) : x;
   if constexpr (!NonPositive) x = x > 88.0f ? vsplat(88.0f) : x;
-  const V magic = vsplat(12582912.0f);
-  const V n = (x * 1.44269504088896341f + magic) - magic;
-  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  V p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  VF n;
+  const VF p = exp_poly(x, n);
   const I e = (__builtin_convertvector(n, I) + 127) << 23;
-  return p * (V)e;
+  return p * (VF)e;
 }
 
 }  // inline namespace RETAIN_CPU_NAMESPACE

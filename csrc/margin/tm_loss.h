@@ -1,9 +1,11 @@
-// Shared per-element math of the margin family (GeRe's threshold-based margin loss), used by the
-// CPU loops and (later) the CUDA kernels. Derivations: csrc/margin/README.md.
+// tm_loss (GeRe's threshold-based margin loss): the per-element math shared by the CPU loops
+// (tm_loss_cpu.cpp) and the CUDA kernels (tm_loss_cuda.cu), and their launchers. Derivations:
+// csrc/margin/README.md.
 #pragma once
 
 #include <cstdint>
 
+#include "common/cpu_capability.h"
 #include "common/host_device.h"
 
 namespace retain::margin {
@@ -34,5 +36,47 @@ RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A tm_slope(A h, int label, A pos, A neg) 
   const A s_zero = (h > pos ? A(1) : A(0)) - (h < neg ? A(1) : A(0));
   return label > 0 ? s_pos : (label < 0 ? s_neg : s_zero);
 }
+
+// Launchers. h [B, L, D] contiguous; labels one row of `label_row` elements (int8: D, packed
+// uint8: ceil(D/4)) per (b, l); thresholds [D] or [B, D] in the accumulation type; mask [B, L]
+// (uint8 0/1) or null.
+//
+// Per-row partial results: row_sum[b*L + l] = sum of the row's losses, row_count = #losses > 0.
+// slope_bits (or null) keeps the sign of every element's slope for the backward, 2 bits an
+// element: row r's words [r * W, (r + 1) * W), W = tm_slope_words(D), hold for each block k of
+// 16 elements the mask of slope +1 (word 2k) and of slope -1 (word 2k + 1); 0 for masked rows.
+// CPU launchers: one build per CPU capability C (call through retain::cpu_dispatch).
+template <CpuCapability C, typename T, typename Lab, typename A>
+void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
+                     bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
+                     double* row_sum, int64_t* row_count, uint16_t* slope_bits, int nthreads);
+
+inline int64_t tm_slope_words(int64_t D) { return 2 * ((D + 15) / 16); }
+
+// grad_h = scale * slope from the forward's slope_bits (rows = B * L): no second read of h.
+template <CpuCapability C, typename T>
+void tm_loss_bwd_bits_cpu(const uint16_t* slope_bits, int64_t rows, int64_t D, double scale, T* grad_h,
+                          int nthreads);
+
+// grad_h = scale * mask * d loss / d h.
+template <CpuCapability C, typename T, typename Lab, typename A>
+void tm_loss_bwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
+                     bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D, double scale,
+                     T* grad_h, int nthreads);
+
+#ifdef RETAIN_WITH_CUDA
+// CUDA launchers: the same outputs as the CPU launchers (no slope bits), every pointer in device
+// memory, enqueued on `stream` (a cudaStream_t as an integer). tm_loss_bwd_cuda reads its scale
+// (grad / denominator, float64) from device memory, so the backward never syncs the host.
+template <typename T, typename Lab, typename A>
+void tm_loss_fwd_cuda(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
+                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
+                      double* row_sum, int64_t* row_count, std::uintptr_t stream);
+
+template <typename T, typename Lab, typename A>
+void tm_loss_bwd_cuda(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
+                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
+                      const double* scale, T* grad_h, std::uintptr_t stream);
+#endif
 
 }  // namespace retain::margin

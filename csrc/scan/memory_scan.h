@@ -1,16 +1,19 @@
-// Shared per-step math and parameters of memory_scan: one online-gradient step of a K x V
-// memory per token (DESIGN.md "scan"; derivations in csrc/scan/README.md).
+// memory_scan, one online-gradient step of a K x V memory per token: the per-step math and the
+// parameters shared by the CPU kernel (memory_scan_cpu.cpp) and the CUDA kernels
+// (memory_scan_cuda.cu), and their launchers (DESIGN.md "scan"; derivations in
+// csrc/scan/README.md).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
+#include "common/cpu_capability.h"
 #include "common/dtype.h"
 #include "common/host_device.h"
 
 namespace retain::scan {
 
-// Codes Python passes (exported by bindings.cpp as retain._C.memory_scan_objectives / _gate_kinds,
+// Codes Python passes (exported by scan/bind.cpp as retain._C.memory_scan_objectives / _gate_kinds,
 // keyed by the names below, which are the Python API's).
 enum class Objective : int { Dot = 0, L2 = 1, Lp = 2, Huber = 3 };
 enum class GateKind : int { None = 0, PerHead = 1, PerKey = 2 };
@@ -120,5 +123,26 @@ struct MemoryScanGrads {
   A* grad_initial_S = nullptr;
   A* grad_initial_Z = nullptr;
 };
+
+// Launchers. CPU: one build per CPU capability C (call through retain::cpu_dispatch).
+template <CpuCapability C, typename T>
+void memory_scan_fwd_cpu(const MemoryScanParams<T>& P, int nthreads);
+
+template <CpuCapability C, typename T>
+void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, int nthreads);
+
+#ifdef RETAIN_WITH_CUDA
+template <typename T>
+void memory_scan_fwd_cuda(const MemoryScanParams<T>& P, std::uintptr_t stream);
+
+// The backward takes a float workspace (Acc<T>) of memory_scan_cuda_work_numel(...) values:
+// per-V-tile partial sums of the row reductions and one chunk of recomputed states per block.
+template <typename T>
+void memory_scan_bwd_cuda(const MemoryScanParams<T>& P, const MemoryScanGrads<T>& G, Acc<T>* work,
+                          int64_t work_numel, std::uintptr_t stream);
+
+int64_t memory_scan_cuda_work_numel(int64_t B, int64_t T, int64_t H, int64_t K, int64_t V, int64_t N, int64_t C,
+                                    bool momentum, bool need_da);
+#endif
 
 }  // namespace retain::scan

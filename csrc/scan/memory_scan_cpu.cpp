@@ -8,10 +8,10 @@
 
 #include "common/buffer.h"
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
 #include "common/parallel.h"
 #include "common/vec.h"
 #include "scan/memory_scan.h"
-#include "scan/scan.h"
 
 namespace retain::scan {
 namespace {
@@ -25,6 +25,21 @@ RETAIN_FORCE_INLINE void copy_state(A* __restrict dst, const A* __restrict src, 
 template <typename A>
 RETAIN_FORCE_INLINE void copy_or_zero(A* __restrict dst, const A* src, int64_t n) {
   if (src) copy_state(dst, src, n); else std::fill(dst, dst + n, A(0));
+}
+
+// A unit's state S and, under momentum, Z (n values each) from slot `off` of the tensors src_S,
+// src_Z (zeros where null), and to slot `off` of dst_S, dst_Z (skipped where null).
+template <typename A>
+RETAIN_FORCE_INLINE void load_pair(A* S, A* Z, const A* src_S, const A* src_Z, int64_t off, int64_t n,
+                                   bool momentum) {
+  copy_or_zero(S, src_S ? src_S + off : nullptr, n);
+  if (momentum) copy_or_zero(Z, src_Z ? src_Z + off : nullptr, n);
+}
+template <typename A>
+RETAIN_FORCE_INLINE void store_pair(A* dst_S, A* dst_Z, const A* S, const A* Z, int64_t off, int64_t n,
+                                    bool momentum) {
+  if (dst_S) copy_state(dst_S + off, S, n);
+  if (dst_Z && momentum) copy_state(dst_Z + off, Z, n);
 }
 
 // Columns of the K x V state are processed in blocks of four native vectors (256 bytes with
@@ -338,18 +353,11 @@ struct Workspace {
 // The forward of one (sequence, head) unit.
 template <typename T>
 RETAIN_FORCE_INLINE void fwd_unit(const MemoryScanParams<T>& P, int64_t n, Workspace<Acc<T>>& ws) {
-  using A = Acc<T>;
   const int64_t V = P.V, KV = P.K * V, C = P.ckpt_every, L = P.states_every;
   const bool momentum = P.momentum;
-  Buffer<A>& S = ws.S;
-  Buffer<A>& Z = ws.Z;
-  Buffer<A>& e = ws.e;
-  Buffer<A>& psi = ws.psi;
-  Buffer<A>& o = ws.o;
   Unit<T> u(P, n);
   const int64_t so = u.state_offset();
-  copy_or_zero(S.data(), P.initial_S ? P.initial_S + so : nullptr, KV);
-  if (momentum) copy_or_zero(Z.data(), P.initial_Z ? P.initial_Z + so : nullptr, KV);
+  load_pair(ws.S.data(), ws.Z.data(), P.initial_S, P.initial_Z, so, KV, momentum);
   // cur is step t, nxt step t+1: the pass that updates S for step t also forms e of step t+1
   Unit<T> u2(P, n);
   Unit<T>* cur = &u;
@@ -357,32 +365,30 @@ RETAIN_FORCE_INLINE void fwd_unit(const MemoryScanParams<T>& P, int64_t n, Works
   const bool dot = static_cast<Objective>(P.objective) == Objective::Dot;
   if (u.t0 < u.t1) {
     u.load(u.t0);
-    u.error(S.data(), e.data(), psi.data());
+    u.error(ws.S.data(), ws.e.data(), ws.psi.data());
   }
   for (int64_t t = u.t0; t < u.t1; ++t) {
     if (P.ckpt_S && t % C == 0) {  // every slot c*C < T is written by the sequence holding it
-      copy_state(P.ckpt_S + u.ckpt_offset(t / C), S.data(), KV);
-      if (momentum) copy_state(P.ckpt_Z + u.ckpt_offset(t / C), Z.data(), KV);
+      store_pair(P.ckpt_S, P.ckpt_Z, ws.S.data(), ws.Z.data(), u.ckpt_offset(t / C), KV, momentum);
     }
     const bool more = t + 1 < u.t1;
     if (t + 2 < u.t1) u.prefetch(t + 2);
     if (more) nxt->load(t + 1);
-    cur->update(S.data(), momentum ? Z.data() : nullptr, psi.data(), o.data(), more && !dot ? nxt : nullptr,
-                e.data());
+    cur->update(ws.S.data(), momentum ? ws.Z.data() : nullptr, ws.psi.data(), ws.o.data(),
+                more && !dot ? nxt : nullptr, ws.e.data());
     if (more) {
-      if (dot) nxt->error(S.data(), e.data(), psi.data());  // psi = -v: no pass over S
-      else nxt->finish_error(e.data(), psi.data());
+      if (dot) nxt->error(ws.S.data(), ws.e.data(), ws.psi.data());  // psi = -v: no pass over S
+      else nxt->finish_error(ws.e.data(), ws.psi.data());
     }
     T* op = P.o + u.row(t) * V;
-    for (int64_t j = 0; j < V; ++j) store_as(op[j], o[j]);
+    for (int64_t j = 0; j < V; ++j) store_as(op[j], ws.o[j]);
     std::swap(cur, nxt);
     if (L > 0 && (t - u.t0 + 1) % L == 0) {
       const int64_t s_idx = (t - u.t0 + 1) / L - 1;
-      copy_state(P.states + u.states_offset(s_idx), S.data(), KV);
+      copy_state(P.states + u.states_offset(s_idx), ws.S.data(), KV);
     }
   }
-  if (P.final_S) copy_state(P.final_S + so, S.data(), KV);
-  if (P.final_Z && momentum) copy_state(P.final_Z + so, Z.data(), KV);
+  store_pair(P.final_S, P.final_Z, ws.S.data(), ws.Z.data(), so, KV, momentum);
 }
 
 // The backward of one (sequence, head) unit.
@@ -394,48 +400,32 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
   const bool momentum = P.momentum;
   const bool dot = static_cast<Objective>(P.objective) == Objective::Dot;
   // states after each step of one chunk (Sbuf[0] = state before the chunk), and per-step e, psi
-  Buffer<A>& Sbuf = ws.Sbuf;
-  Buffer<A>& Zbuf = ws.Zbuf;
-  Buffer<A>& ebuf = ws.ebuf;
-  Buffer<A>& psibuf = ws.psibuf;
-  Buffer<A>& dS = ws.dS;
-  Buffer<A>& dZ = ws.dZ;
-  Buffer<A>& dZt = ws.dZt;
-  Buffer<A>& w = ws.w;
-  Buffer<A>& de = ws.de;
-  Buffer<A>& dkk = ws.dkk;
-  Buffer<A>& dqq = ws.dqq;
-  Buffer<A>& da = ws.da;
-  Buffer<A>& go = ws.go;
   Unit<T> u(P, n);
   const int64_t so = u.state_offset();
-  copy_or_zero(dS.data(), G.grad_final_S ? G.grad_final_S + so : nullptr, KV);
-  if (momentum) copy_or_zero(dZ.data(), G.grad_final_Z ? G.grad_final_Z + so : nullptr, KV);
+  load_pair(ws.dS.data(), ws.dZ.data(), G.grad_final_S, G.grad_final_Z, so, KV, momentum);
   int64_t ce = u.t1;
   while (ce > u.t0) {
     const int64_t cs = std::max(u.t0, ((ce - 1) / C) * C);
     const int64_t len = ce - cs;
     // recompute the chunk's states from its checkpoint (or the initial state)
-    A* S0 = Sbuf.data();
+    A* S0 = ws.Sbuf.data();
     if (cs == u.t0) {
-      copy_or_zero(S0, P.initial_S ? P.initial_S + so : nullptr, KV);
-      if (momentum) copy_or_zero(Zbuf.data(), P.initial_Z ? P.initial_Z + so : nullptr, KV);
+      load_pair(S0, ws.Zbuf.data(), P.initial_S, P.initial_Z, so, KV, momentum);
     } else {
-      copy_state(S0, P.ckpt_S + u.ckpt_offset(cs / C), KV);
-      if (momentum) copy_state(Zbuf.data(), P.ckpt_Z + u.ckpt_offset(cs / C), KV);
+      load_pair(S0, ws.Zbuf.data(), P.ckpt_S, P.ckpt_Z, u.ckpt_offset(cs / C), KV, momentum);
     }
     for (int64_t i = 0; i < len; ++i) {
-      A* Snext = Sbuf.data() + (i + 1) * KV;
-      copy_state(Snext, Sbuf.data() + i * KV, KV);
+      A* Snext = ws.Sbuf.data() + (i + 1) * KV;
+      copy_state(Snext, ws.Sbuf.data() + i * KV, KV);
       A* Znext = nullptr;
       if (momentum) {
-        Znext = Zbuf.data() + (i + 1) * KV;
-        copy_state(Znext, Zbuf.data() + i * KV, KV);
+        Znext = ws.Zbuf.data() + (i + 1) * KV;
+        copy_state(Znext, ws.Zbuf.data() + i * KV, KV);
       }
       if (i + 2 < len) u.prefetch(cs + i + 2);
       u.load(cs + i);
-      u.error(Sbuf.data() + i * KV, ebuf.data() + i * V, psibuf.data() + i * V);
-      u.update(Snext, Znext, psibuf.data() + i * V, nullptr);
+      u.error(ws.Sbuf.data() + i * KV, ws.ebuf.data() + i * V, ws.psibuf.data() + i * V);
+      u.update(Snext, Znext, ws.psibuf.data() + i * V, nullptr);
     }
     // walk the chunk backwards
     for (int64_t i = len - 1; i >= 0; --i) {
@@ -443,24 +433,24 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
       if (i >= 2) u.prefetch_grads(G, t - 2);
       const int64_t r = u.row(t);
       u.load(t);
-      const A* Sprev = Sbuf.data() + i * KV;
-      const A* Scur = Sbuf.data() + (i + 1) * KV;
-      const A* Zprev = momentum ? Zbuf.data() + i * KV : nullptr;
-      const A* __restrict e = ebuf.data() + i * V;
-      const A* __restrict psi = psibuf.data() + i * V;
+      const A* Sprev = ws.Sbuf.data() + i * KV;
+      const A* Scur = ws.Sbuf.data() + (i + 1) * KV;
+      const A* Zprev = momentum ? ws.Zbuf.data() + i * KV : nullptr;
+      const A* __restrict e = ws.ebuf.data() + i * V;
+      const A* __restrict psi = ws.psibuf.data() + i * V;
       if (L > 0 && G.grad_states && (t - u.t0 + 1) % L == 0) {
         const int64_t s_idx = (t - u.t0 + 1) / L - 1;
         const A* gs = G.grad_states + u.states_offset(s_idx);
-        for (int64_t x = 0; x < KV; ++x) dS[x] += gs[x];
+        for (int64_t x = 0; x < KV; ++x) ws.dS[x] += gs[x];
       }
-      A* __restrict gov = go.data();
-      A* __restrict wv = w.data();
+      A* __restrict gov = ws.go.data();
+      A* __restrict wv = ws.w.data();
       for (int64_t j = 0; j < V; ++j) gov[j] = load_as<A>(G.grad_o[r * V + j]), wv[j] = A(0);
       // pass A: o_t = S_tᵀ q̃ feeds dS and dq̃; dZ_t = dS_t (+ the momentum carry). Columns
       // outer, rows inner, so w = dZ_tᵀ k stays in registers across the rows of a full block.
       A deta = 0;
-      dqq.fill(A(0));
-      dkk.fill(A(0));
+      ws.dqq.fill(A(0));
+      ws.dkk.fill(A(0));
       column_blocks<A>(V, [&](int64_t j0, auto nb) {
         if constexpr (!std::is_same_v<decltype(nb), int64_t>) {
           using VT = typename Vec<A>::type;
@@ -472,7 +462,7 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
             wb[b] = VT{};
           }
           for (int64_t i2 = 0; i2 < K; ++i2) {
-            A* __restrict dSi = dS.data() + i2 * V + j0;
+            A* __restrict dSi = ws.dS.data() + i2 * V + j0;
             const A* __restrict Si = Scur + i2 * V + j0;
             const A qi = u.qq[i2];
             const A ki = u.kk[i2];
@@ -483,23 +473,23 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
               pq += vload(Si + b * Lv) * gv[b];
               VT dz = ds;
               if (momentum) {
-                A* __restrict dZci = dZ.data() + i2 * V + j0;
+                A* __restrict dZci = ws.dZ.data() + i2 * V + j0;
                 dz = ds + vload(dZci + b * Lv);
-                vstore(dZt.data() + i2 * V + j0 + b * Lv, dz);
+                vstore(ws.dZt.data() + i2 * V + j0 + b * Lv, dz);
                 ev += dz * vload(Zprev + i2 * V + j0 + b * Lv);
                 vstore(dZci + b * Lv, u.eta * dz);
               }
               wb[b] += dz * ki;
               pk += dz * pv[b];
             }
-            dqq[i2] += vsum<A>(pq);
-            dkk[i2] += vsum<A>(pk);
+            ws.dqq[i2] += vsum<A>(pq);
+            ws.dkk[i2] += vsum<A>(pk);
           }
           for (int64_t b = 0; b < NV; ++b) vstore(wv + j0 + b * Lv, wb[b]);
           deta += vsum<A>(ev);
         } else {
           for (int64_t i2 = 0; i2 < K; ++i2) {
-            A* __restrict dSi = dS.data() + i2 * V;
+            A* __restrict dSi = ws.dS.data() + i2 * V;
             const A* __restrict Si = Scur + i2 * V;
             const A qi = u.qq[i2];
             const A ki = u.kk[i2];
@@ -510,38 +500,38 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
               pq += Si[j] * gov[j];
               A dz = ds;
               if (momentum) {
-                dz = ds + dZ[i2 * V + j];
-                dZt[i2 * V + j] = dz;
+                dz = ds + ws.dZ[i2 * V + j];
+                ws.dZt[i2 * V + j] = dz;
                 deta += dz * Zprev[i2 * V + j];
-                dZ[i2 * V + j] = u.eta * dz;
+                ws.dZ[i2 * V + j] = u.eta * dz;
               }
               wv[j] += dz * ki;
               pk += dz * psi[j];
             }
-            dqq[i2] += pq;
-            dkk[i2] += pk;
+            ws.dqq[i2] += pq;
+            ws.dkk[i2] += pk;
           }
         }
       });
-      for (int64_t i2 = 0; i2 < K; ++i2) dkk[i2] *= -u.beta;
+      for (int64_t i2 = 0; i2 < K; ++i2) ws.dkk[i2] *= -u.beta;
       // psi's gradient, beta's, and through psi(e) to e and v
       A dbeta = 0;
       T* gv = G.grad_v + r * V;
       for (int64_t j = 0; j < V; ++j) {
-        const A dpsi = -u.beta * w[j];
-        dbeta -= psi[j] * w[j];
+        const A dpsi = -u.beta * ws.w[j];
+        dbeta -= psi[j] * ws.w[j];
         if (dot) {
-          de[j] = A(0);
+          ws.de[j] = A(0);
           store_as(gv[j], -dpsi);
         } else {
-          de[j] = u.obj.dpsi(e[j]) * dpsi;
-          store_as(gv[j], -de[j]);
+          ws.de[j] = u.obj.dpsi(e[j]) * dpsi;
+          store_as(gv[j], -ws.de[j]);
         }
       }
       // pass B: e = (r ⊙ S_{t-1})ᵀ k − v and S_t = a ⊙ S_{t-1} + Z_t, back to S_{t-1}, k and a
-      const A* __restrict dev = de.data();
+      const A* __restrict dev = ws.de.data();
       for (int64_t i2 = 0; i2 < K; ++i2) {
-        A* __restrict dSi = dS.data() + i2 * V;
+        A* __restrict dSi = ws.dS.data() + i2 * V;
         const A* __restrict Spi = Sprev + i2 * V;
         const A ai = u.av[i2];
         const A rk = P.retention_first ? ai : A(1);
@@ -569,17 +559,17 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
         });
         sd += vsum<A>(vsd);
         dai += vsum<A>(vda);
-        dkk[i2] += rk * sd;
-        da[i2] = dai + (P.retention_first ? u.kk[i2] * sd : A(0));
+        ws.dkk[i2] += rk * sd;
+        ws.da[i2] = dai + (P.retention_first ? u.kk[i2] * sd : A(0));
       }
       // to the raw inputs: gates in log space, l2-normalised q and k
       if (G.grad_g) {
         if (static_cast<GateKind>(P.gate_kind) == GateKind::PerHead) {
           A s = 0;
-          for (int64_t i2 = 0; i2 < K; ++i2) s += da[i2];
+          for (int64_t i2 = 0; i2 < K; ++i2) s += ws.da[i2];
           store_as(G.grad_g[r], s * u.dretention(u.av[0]));
         } else {
-          for (int64_t i2 = 0; i2 < K; ++i2) store_as(G.grad_g[r * K + i2], da[i2] * u.dretention(u.av[i2]));
+          for (int64_t i2 = 0; i2 < K; ++i2) store_as(G.grad_g[r * K + i2], ws.da[i2] * u.dretention(u.av[i2]));
         }
       }
       store_as(G.grad_beta[r], dbeta);
@@ -587,13 +577,13 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
       // q̃ = scale · q · rstd(q): dq = scale · rstd · (dq̃' − q̂ (q̂·dq̃')) with q̂ = q · rstd
       A qdot = 0, kdot = 0;
       for (int64_t i2 = 0; i2 < K; ++i2) {
-        qdot += u.qnorm_in[i2] * u.q_rstd * dqq[i2];
-        kdot += u.knorm_in[i2] * u.k_rstd * dkk[i2];
+        qdot += u.qnorm_in[i2] * u.q_rstd * ws.dqq[i2];
+        kdot += u.knorm_in[i2] * u.k_rstd * ws.dkk[i2];
       }
       T* gq = G.grad_q + r * K;
       T* gk = G.grad_k + r * K;
       for (int64_t i2 = 0; i2 < K; ++i2) {
-        A dq = dqq[i2], dk = dkk[i2];
+        A dq = ws.dqq[i2], dk = ws.dkk[i2];
         if (P.l2norm) {
           dq = u.q_rstd * (dq - u.qnorm_in[i2] * u.q_rstd * qdot);
           dk = u.k_rstd * (dk - u.knorm_in[i2] * u.k_rstd * kdot);
@@ -604,8 +594,7 @@ RETAIN_FORCE_INLINE void bwd_unit(const MemoryScanParams<T>& P, const MemoryScan
     }
     ce = cs;
   }
-  if (G.grad_initial_S) copy_state(G.grad_initial_S + so, dS.data(), KV);
-  if (G.grad_initial_Z && momentum) copy_state(G.grad_initial_Z + so, dZ.data(), KV);
+  store_pair(G.grad_initial_S, G.grad_initial_Z, ws.dS.data(), ws.dZ.data(), so, KV, momentum);
 }
 
 }  // namespace
@@ -632,10 +621,7 @@ void memory_scan_bwd_cpu(const MemoryScanParams<T>& P, const MemoryScanGrads<T>&
 #define RETAIN_INSTANTIATE(T)                                                              \
   template void memory_scan_fwd_cpu<kThisCpu, T>(const MemoryScanParams<T>&, int);                   \
   template void memory_scan_bwd_cpu<kThisCpu, T>(const MemoryScanParams<T>&, const MemoryScanGrads<T>&, int);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::scan

@@ -10,10 +10,10 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "common/errors.h"
 #include "scan/memory_scan.h"
-#include "scan/scan.h"
 
 namespace retain::scan {
 namespace {
@@ -672,10 +672,7 @@ void memory_scan_bwd_cuda(const MemoryScanParams<T>& P, const MemoryScanGrads<T>
   template void memory_scan_fwd_cuda<T>(const MemoryScanParams<T>&, std::uintptr_t);                       \
   template void memory_scan_bwd_cuda<T>(const MemoryScanParams<T>&, const MemoryScanGrads<T>&, Acc<T>*,     \
                                         int64_t, std::uintptr_t);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::scan

@@ -8,8 +8,11 @@
 #include <random>
 #include <vector>
 
-#include "margin/margin.h"
-#include "scan/scan.h"
+#include "margin/feature_imitation.h"
+#include "margin/kl_imitation.h"
+#include "margin/tm_loss.h"
+#include "scan/linear_recurrence.h"
+#include "scan/memory_scan.h"
 
 using retain::CpuCapability;
 constexpr CpuCapability kDefault = CpuCapability::Default;

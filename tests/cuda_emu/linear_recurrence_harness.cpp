@@ -1,7 +1,7 @@
-// Checks linear_recurrence's CUDA kernels (csrc/scan/scan_cuda.cu), run on the CPU under the fiber
-// emulation of cuda_runtime.h, against the CPU kernels: h, and grad_x, grad_a, grad_initial, both
-// directions, with and without an initial state; lane counts around the block size. Built and
-// run by tests/ops/test_scan_cuda_emulated.py.
+// Checks linear_recurrence's CUDA kernels (csrc/scan/linear_recurrence_cuda.cu), run on the CPU
+// under the fiber emulation of cuda_runtime.h, against the CPU kernels: h, and grad_x, grad_a,
+// grad_initial, both directions, with and without an initial state; lane counts around the block
+// size. Built and run by tests/ops/test_scan_cuda_emulated.py.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -13,7 +13,7 @@
 
 #include "common/dtype.h"
 #include "compare.h"
-#include "scan/scan.h"
+#include "scan/linear_recurrence.h"
 
 using namespace retain;
 using namespace retain::scan;

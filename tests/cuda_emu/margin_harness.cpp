@@ -1,8 +1,8 @@
-// Checks margin_cuda.cu (tm_loss, kl_imitation, feature_imitation), run on the CPU under the fiber
-// emulation of cuda_runtime.h, against the CPU kernels: row sums and counts, losses and
-// log-sum-exps, every gradient; outputs start as NaN so an unwritten element fails. Row lengths
-// straddle the block sizes (32 ... 256 threads) and warp boundaries. Built and run by
-// tests/ops/test_margin_cuda_emulated.py.
+// Checks the margin family's CUDA kernels (tm_loss_cuda.cu, kl_imitation_cuda.cu,
+// feature_imitation_cuda.cu), run on the CPU under the fiber emulation of cuda_runtime.h, against
+// the CPU kernels: row sums and counts, losses and log-sum-exps, every gradient; outputs start as
+// NaN so an unwritten element fails. Row lengths straddle the block sizes (32 ... 256 threads)
+// and warp boundaries. Built and run by tests/ops/test_margin_cuda_emulated.py.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -14,7 +14,9 @@
 
 #include "common/dtype.h"
 #include "compare.h"
-#include "margin/margin.h"
+#include "margin/feature_imitation.h"
+#include "margin/kl_imitation.h"
+#include "margin/tm_loss.h"
 
 using namespace retain;
 using namespace retain::margin;

@@ -9,7 +9,6 @@
 #include <string>
 #include <limits>
 #include "scan/memory_scan.h"
-#include "scan/scan.h"
 using namespace retain;
 using namespace retain::scan;
 #include <cuda_runtime.h>

@@ -49,10 +49,10 @@ def test_emulated_cuda_kernel_wide_keys(harness):
     emulate.run(harness, "1")  # K = 256 and 130: 32 rows a thread, > 48 KiB of shared memory in float64
 
 
-LINEAR = emulate.CSRC / "scan" / "scan_cuda.cu"
+LINEAR = emulate.CSRC / "scan" / "linear_recurrence_cuda.cu"
 
 
 def test_emulated_linear_recurrence_cuda_kernels(tmp_path):
-    exe = emulate.build(LINEAR, emulate.EMU / "linear_recurrence_harness.cpp", [emulate.CSRC / "scan" / "scan_cpu.cpp"],
-                        tmp_path, dynamic=0, static=0, launches=2)
+    exe = emulate.build(LINEAR, emulate.EMU / "linear_recurrence_harness.cpp",
+                        [emulate.CSRC / "scan" / "linear_recurrence_cpu.cpp"], tmp_path, dynamic=0, static=0, launches=2)
     emulate.run(exe)

@@ -3,9 +3,9 @@
 // coalesced load of a and x and one store of h. Bandwidth-bound when B*D >= ~64k lanes; a
 // chunked block-level scan over T for small B*D is the next step (csrc/scan/README.md).
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "scan/linear_recurrence.h"
-#include "scan/scan.h"
 
 namespace retain::scan {
 namespace {
@@ -96,10 +96,7 @@ void linear_recurrence_bwd_cuda(const T* a, const T* h, const T* initial, const 
                                               bool, std::uintptr_t);                                    \
   template void linear_recurrence_bwd_cuda<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t,  \
                                               int64_t, int64_t, bool, std::uintptr_t);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::scan

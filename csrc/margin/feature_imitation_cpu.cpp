@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/dtype.h"
 #include "common/buffer.h"
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
+#include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
-#include "margin/feature.h"
-#include "margin/margin.h"
+#include "margin/feature_imitation.h"
 
 namespace retain::margin {
 namespace {
@@ -19,28 +19,26 @@ namespace {
 // a 4096-wide row stays at a few ulp instead of growing with D.
 constexpr int64_t kBlock = 256;
 
+// The distance of one row.
+template <int P, typename T>
+RETAIN_FORCE_INLINE double row_distance(const T* __restrict hr, const T* __restrict qr, int64_t D) {
+  using A = Acc<T>;
+  double total = 0.0;
+  for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+    const int64_t n = std::min(kBlock, D - d0);
+    A s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < n; ++d) s += feature_element<P>(load_as<A>(hr[d0 + d]) - load_as<A>(qr[d0 + d]));
+    total += static_cast<double>(s);
+  }
+  return total;
+}
+
 template <typename T, int P>
 RETAIN_FORCE_INLINE void feature_fwd_rows(const T* __restrict h, const T* __restrict h_ref,
                                           const uint8_t* __restrict mask, int64_t D, double* __restrict loss,
                                           int64_t r0, int64_t r1) {
-  using A = Acc<T>;
-  for (int64_t r = r0; r < r1; ++r) {
-    if (mask && !mask[r]) {
-      loss[r] = 0.0;
-      continue;
-    }
-    const T* __restrict hr = h + r * D;
-    const T* __restrict qr = h_ref + r * D;
-    double total = 0.0;
-    for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
-      const int64_t n = std::min(kBlock, D - d0);
-      A s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < n; ++d) s += feature_element<P>(load_as<A>(hr[d0 + d]) - load_as<A>(qr[d0 + d]));
-      total += static_cast<double>(s);
-    }
-    loss[r] = total;
-  }
+  for (int64_t r = r0; r < r1; ++r) loss[r] = (mask && !mask[r]) ? 0.0 : row_distance<P>(h + r * D, h_ref + r * D, D);
 }
 
 template <typename T, int P>
@@ -92,17 +90,7 @@ RETAIN_FORCE_INLINE void feature_fwd_grad_rows(const T* __restrict h, const T* _
     const T* __restrict qr = h_ref + r * D;
     const A c = off ? A(0) : static_cast<A>(grad_scale);
     A* __restrict g = row.data();
-    double total = 0.0;
-    if (!off) {
-      for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
-        const int64_t n = std::min(kBlock, D - d0);
-        A s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < n; ++d) s += feature_element<P>(load_as<A>(hr[d0 + d]) - load_as<A>(qr[d0 + d]));
-        total += static_cast<double>(s);
-      }
-    }
-    loss[r] = total;
+    loss[r] = off ? 0.0 : row_distance<P>(hr, qr, D);
     if (!grad_h && !grad_ref) continue;
     // the gradient from the rows just read (in cache); explicit zeros on masked rows, which may
     // hold Inf/NaN padding
@@ -159,10 +147,7 @@ void feature_imitation_fwd_grad_cpu(const T* h, const T* h_ref, const uint8_t* m
                                              int);                                                             \
   template void feature_imitation_bwd_cpu<kThisCpu, T>(const T*, const T*, const double*, const uint8_t*, int64_t, int64_t, \
                                              int, T*, T*, int);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::margin

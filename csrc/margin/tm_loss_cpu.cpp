@@ -1,5 +1,5 @@
-// CPU kernels of the margin family: one pass over h per call, rows of [B, L, D] split over
-// threads; per-row partial sums keep the result independent of the thread count.
+// CPU kernels of tm_loss: one pass over h per call, rows of [B, L, D] split over threads; per-row
+// partial sums keep the result independent of the thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -13,14 +13,13 @@
 #include <immintrin.h>
 #endif
 
-#include "common/dtype.h"
 #include "common/buffer.h"
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
+#include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "common/vec.h"
-#include "margin/margin.h"
-#include "margin/kl.h"
 #include "margin/tm_loss.h"
 
 namespace retain::margin {
@@ -144,12 +143,12 @@ RETAIN_FORCE_INLINE void interval16(__mmask64 kp, __mmask64 kn, int j, const flo
   hi = _mm512_mask_mov_ps(_mm512_mask_blend_ps(n, Pv, Nv), p, _mm512_set1_ps(INFINITY));
 }
 
-// Loss sum and violation count of the first D / 64 * 64 elements of a row; returns that count.
-template <typename T, typename Lab>
-int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P, const float* N, int64_t D,
-                          float& sum, float& count, uint16_t* bits) {
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-  __m512 vs = zero, vc = zero;
+// Calls f(e0, x, lo, hi) for every 16 elements e0 .. e0 + 15 of the first D / 64 * 64 of a row: x
+// their values as floats, [lo, hi] their intervals; the next row is prefetched on the way. Returns
+// D / 64 * 64.
+template <typename T, typename Lab, typename F>
+RETAIN_FORCE_INLINE int64_t tm_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P,
+                                          const float* N, int64_t D, const F& f) {
   const int64_t D64 = D / 64 * 64;
   const Lab* lab_next = lab + label_row;
   for (int64_t d = 0; d < D64; d += 64) {
@@ -160,17 +159,29 @@ int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const f
       const int64_t e0 = d + 16 * j;
       __m512 lo, hi;
       interval16(kp, kn, j, P + e0, N + e0, lo, hi);
-      const __m512 x = load16(h + e0);
-      const __m512 e = _mm512_add_ps(_mm512_max_ps(_mm512_sub_ps(lo, x), zero),
-                                     _mm512_max_ps(_mm512_sub_ps(x, hi), zero));
-      vs = _mm512_add_ps(vs, e);
-      vc = _mm512_mask_add_ps(vc, _mm512_cmp_ps_mask(e, zero, _CMP_GT_OQ), vc, one);
-      if (bits) {
-        bits[e0 / 8] = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
-        bits[e0 / 8 + 1] = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-      }
+      f(e0, load16(h + e0), lo, hi);
     }
   }
+  return D64;
+}
+
+// Loss sum and violation count of the first D / 64 * 64 elements of a row; returns that count.
+template <typename T, typename Lab>
+int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P, const float* N, int64_t D,
+                          float& sum, float& count, uint16_t* bits) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  __m512 vs = zero, vc = zero;
+  const int64_t D64 = tm_row_avx512(h, lab, label_row, P, N, D,
+                                    [&](int64_t e0, __m512 x, __m512 lo, __m512 hi) __attribute__((always_inline)) {
+    const __m512 e =
+        _mm512_add_ps(_mm512_max_ps(_mm512_sub_ps(lo, x), zero), _mm512_max_ps(_mm512_sub_ps(x, hi), zero));
+    vs = _mm512_add_ps(vs, e);
+    vc = _mm512_mask_add_ps(vc, _mm512_cmp_ps_mask(e, zero, _CMP_GT_OQ), vc, one);
+    if (bits) {
+      bits[e0 / 8] = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+      bits[e0 / 8 + 1] = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    }
+  });
   sum = _mm512_reduce_add_ps(vs);
   count = _mm512_reduce_add_ps(vc);
   return D64;
@@ -182,23 +193,12 @@ template <typename T, typename Lab>
 int64_t tm_bwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const float* P, const float* N, int64_t D,
                           float scale, float* g, bool stream) {
   const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
-  const int64_t D64 = D / 64 * 64;
-  const Lab* lab_next = lab + label_row;
-  for (int64_t d = 0; d < D64; d += 64) {
-    prefetch_next_row(h + d, lab_next + label_offset<Lab>(d), D);
-    __mmask64 kp, kn;
-    label_masks(lab, d, kp, kn);
-    for (int j = 0; j < 4; ++j) {
-      const int64_t e0 = d + 16 * j;
-      __m512 lo, hi;
-      interval16(kp, kn, j, P + e0, N + e0, lo, hi);
-      const __m512 x = load16(h + e0);
-      const __m512 out = _mm512_add_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), plus),
-                                       _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), minus));
-      if (stream) _mm512_stream_ps(g + e0, out); else _mm512_storeu_ps(g + e0, out);
-    }
-  }
-  return D64;
+  return tm_row_avx512(h, lab, label_row, P, N, D,
+                       [&](int64_t e0, __m512 x, __m512 lo, __m512 hi) __attribute__((always_inline)) {
+    const __m512 out = _mm512_add_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), plus),
+                                     _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), minus));
+    if (stream) _mm512_stream_ps(g + e0, out); else _mm512_storeu_ps(g + e0, out);
+  });
 }
 // grad = scale * slope of the first D / 16 * 16 elements from the slope bits; returns that count.
 int64_t tm_bits_row_avx512(const uint16_t* bits, int64_t D, float scale, float* g, bool stream) {
@@ -412,279 +412,9 @@ template void tm_loss_bwd_bits_cpu<kThisCpu, f16_t>(const uint16_t*, int64_t, in
                                                 int64_t*, uint16_t*, int);                                     \
   template void tm_loss_bwd_cpu<kThisCpu, T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
                                                 bool, const uint8_t*, int64_t, int64_t, int64_t, double, T*, int);
-RETAIN_INSTANTIATE(float, int8_t)
-RETAIN_INSTANTIATE(float, uint8_t)
-RETAIN_INSTANTIATE(double, int8_t)
-RETAIN_INSTANTIATE(double, uint8_t)
-RETAIN_INSTANTIATE(bf16_t, int8_t)
-RETAIN_INSTANTIATE(bf16_t, uint8_t)
-RETAIN_INSTANTIATE(f16_t, int8_t)
-RETAIN_INSTANTIATE(f16_t, uint8_t)
-#undef RETAIN_INSTANTIATE
-
-}  // namespace retain::margin
-
-namespace retain::margin {
-namespace {
-
-// Rows of the KL loss. float/bfloat16/float16 rows run in explicit native-width float vectors
-// (the auto-vectoriser left the exp loops scalar); a scalar tail handles the rest. double stays
-// scalar.
-template <typename T>
-constexpr bool kVectorRows = !std::is_same_v<T, double>;
-
-// max z/T and max z_ref/T of a row (T > 0: the max of z, then scaled).
-template <typename T, typename A = Acc<T>>
-RETAIN_FORCE_INLINE void kl_row_max(const T* __restrict zr, const T* __restrict qr, int64_t V, A it, A& m, A& mr) {
-  m = -INFINITY;
-  mr = -INFINITY;
-  int64_t Vv = 0;
-  if constexpr (kVectorRows<T>) {
-    Vv = V / kFloatLanes * kFloatLanes;
-    VF vm = vsplat(-INFINITY), vmr = vm;
-    for (int64_t v = 0; v < Vv; v += kFloatLanes) {
-      const VF a = vload_f(zr + v), b = vload_f(qr + v);
-      vm = a > vm ? a : vm;
-      vmr = b > vmr ? b : vmr;
-    }
-    m = vmax_lanes<float>(vm);
-    mr = vmax_lanes<float>(vmr);
-  }
-  for (int64_t v = Vv; v < V; ++v) {
-    const A a = load_as<A>(zr[v]), b = load_as<A>(qr[v]);
-    m = a > m ? a : m;
-    mr = b > mr ? b : mr;
-  }
-  m *= it;
-  mr *= it;
-}
-
-// Per row: m = max z/T (pass 1), then s = sum exp(z/T - m), sr = sum exp(z_ref/T - mr) and
-// w = sum exp(z_ref/T - mr) (z_ref - z)/T (pass 2, the row is in L2 by then):
-// KL = w / sr - lse_ref + lse.
-template <typename T>
-RETAIN_FORCE_INLINE void kl_fwd_rows(const T* __restrict z, const T* __restrict z_ref, const uint8_t* __restrict mask,
-                                     int64_t V, double inv_t, double* __restrict loss, double* __restrict lse,
-                                     double* __restrict lse_ref, int64_t r0, int64_t r1) {
-  using A = Acc<T>;
-  const A it = static_cast<A>(inv_t);
-  constexpr int64_t W = kVectorRows<T> ? kFloatLanes : 1;
-  const int64_t Vv = kVectorRows<T> ? V / W * W : 0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict zr = z + r * V;
-    const T* __restrict qr = z_ref + r * V;
-    A m, mr;
-    kl_row_max(zr, qr, V, it, m, mr);
-    A s = 0, sr = 0, w = 0;
-    if constexpr (kVectorRows<T>) {
-      VF vs{}, vsr{}, vw{};
-      const VF zero{}, vit = vsplat<float>(it), vm = vsplat<float>(m), vmr = vsplat<float>(mr);
-      // this pass is compute-bound (the row is in L2): fetch the next row meanwhile, so the
-      // memory-bound max pass of the next row finds it in cache
-      const T* nz = r + 1 < r1 ? zr + V : zr;
-      const T* nq = r + 1 < r1 ? qr + V : qr;
-      for (int64_t v = 0; v < Vv; v += W) {
-        __builtin_prefetch(nz + v);
-        __builtin_prefetch(nq + v);
-        const VF a = vload_f(zr + v) * vit, b = vload_f(qr + v) * vit;
-        const VF eb = vexp<true>(b - vmr);
-        vs += vexp<true>(a - vm);
-        vsr += eb;
-        vw += b > -INFINITY ? eb * (b - a) : zero;  // p_ref = 0 adds 0, not 0 * -inf
-      }
-      s = vsum<float>(vs);
-      sr = vsum<float>(vsr);
-      w = vsum<float>(vw);
-    }
-    for (int64_t v = Vv; v < V; ++v) {
-      const A a = load_as<A>(zr[v]) * it, b = load_as<A>(qr[v]) * it;
-      const A eb = exp_vec(b - mr);
-      s += exp_vec(a - m);
-      sr += eb;
-      w += b > -INFINITY ? eb * (b - a) : A(0);
-    }
-    const A l = lse_of(m, s), lr = lse_of(mr, sr);
-    lse[r] = l;
-    lse_ref[r] = lr;
-    loss[r] = (mask && !mask[r]) ? 0.0 : static_cast<double>(w / sr - lr + l);
-  }
-}
-
-// grad_z = g/T (p - p_ref), grad_z_ref = g/T p_ref (log p_ref - log p - KL): one loop per row
-// for whichever are wanted, sharing the exps when both are.
-template <typename T, bool WantZ, bool WantRef>
-RETAIN_FORCE_INLINE void kl_bwd_row(const T* __restrict zr, const T* __restrict qr, int64_t V, float it, float gr,
-                                    float l, float lr, float kl, T* __restrict gz, T* __restrict gq) {
-  const VF vit = vsplat(it), vgr = vsplat(gr), vl = vsplat(l), vlr = vsplat(lr), vkl = vsplat(kl);
-  const int64_t Vv = V / kFloatLanes * kFloatLanes;
-  for (int64_t v = 0; v < Vv; v += kFloatLanes) {
-    const VF lp = vload_f(zr + v) * vit - vl, lq = vload_f(qr + v) * vit - vlr;
-    const VF eq = vexp<true>(lq);
-    if constexpr (WantZ) vstore_f(gz + v, vgr * (vexp<true>(lp) - eq));
-    if constexpr (WantRef) vstore_f(gq + v, lq > -INFINITY ? vgr * eq * (lq - lp - vkl) : VF{});
-  }
-  for (int64_t v = Vv; v < V; ++v) {
-    const float lp = load_as<float>(zr[v]) * it - l, lq = load_as<float>(qr[v]) * it - lr;
-    const float eq = exp_vec(lq);
-    if constexpr (WantZ) store_as(gz[v], gr * (exp_vec(lp) - eq));
-    if constexpr (WantRef) store_as(gq[v], lq > -INFINITY ? gr * eq * (lq - lp - kl) : 0.0f);
-  }
-}
-
-template <typename T>
-RETAIN_FORCE_INLINE void kl_bwd_rows(const T* __restrict z, const T* __restrict z_ref, const double* __restrict g,
-                                     const double* __restrict loss, const double* __restrict lse,
-                                     const double* __restrict lse_ref, int64_t V, double inv_t, T* __restrict grad_z,
-                                     T* __restrict grad_z_ref, int64_t r0, int64_t r1) {
-  using A = Acc<T>;
-  const A it = static_cast<A>(inv_t);
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict zr = z + r * V;
-    const T* __restrict qr = z_ref + r * V;
-    const A gr = static_cast<A>(g[r]) * it, l = static_cast<A>(lse[r]), lr = static_cast<A>(lse_ref[r]);
-    const A kl = static_cast<A>(loss[r]);
-    T* gz = grad_z ? grad_z + r * V : nullptr;
-    T* gq = grad_z_ref ? grad_z_ref + r * V : nullptr;
-    if constexpr (kVectorRows<T>) {
-      if (gz && gq) kl_bwd_row<T, true, true>(zr, qr, V, it, gr, l, lr, kl, gz, gq);
-      else if (gz) kl_bwd_row<T, true, false>(zr, qr, V, it, gr, l, lr, kl, gz, gq);
-      else if (gq) kl_bwd_row<T, false, true>(zr, qr, V, it, gr, l, lr, kl, gz, gq);
-    } else {
-      for (int64_t v = 0; v < V; ++v) {
-        const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
-        const A eq = exp_vec(lq);
-        if (gz) store_as(gz[v], gr * (exp_vec(lp) - eq));
-        if (gq) store_as(gq[v], lq > -INFINITY ? gr * eq * (lq - lp - kl) : A(0));
-      }
-    }
-  }
-}
-
-// Forward rows with the gradient fused in: pass 2 keeps exp(z/T - m) and exp(z_ref/T - mr) in
-// `scratch` (2 V accumulation-type values, L2-resident next to the row), pass 3 turns them into
-// p and p_ref and writes the gradients (streamed past the caches when `stream`).
-template <typename T>
-RETAIN_FORCE_INLINE void kl_fwd_grad_rows(const T* __restrict z, const T* __restrict z_ref,
-                                          const uint8_t* __restrict mask, int64_t V, double inv_t, double grad_scale,
-                                          double* __restrict loss, double* __restrict lse, double* __restrict lse_ref,
-                                          T* __restrict grad_z, T* __restrict grad_z_ref, bool stream,
-                                          Acc<T>* __restrict scratch, int64_t r0, int64_t r1) {
-  using A = Acc<T>;
-  const A it = static_cast<A>(inv_t);
-  // float32 gradients: exp(z/T - m) goes straight into the gradient row, which pass 3 turns into
-  // the gradient in place (the row's read-for-ownership happens during the compute-bound exp
-  // pass, and its write-back whenever the line leaves the cache, instead of a separate streaming
-  // phase after it); other dtypes go through the scratch row and store_row
-  constexpr bool kInPlace = std::is_same_v<T, A>;
-  A* __restrict eb = scratch + V;
-  const int64_t Vv = kVectorRows<T> ? V / kFloatLanes * kFloatLanes : 0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* __restrict zr = z + r * V;
-    const T* __restrict qr = z_ref + r * V;
-    A* __restrict ea = scratch;
-    if constexpr (kInPlace) {
-      if (grad_z) ea = reinterpret_cast<A*>(grad_z + r * V);
-    }
-    A m, mr;
-    kl_row_max(zr, qr, V, it, m, mr);
-    A s = 0, sr = 0, w = 0;
-    if constexpr (kVectorRows<T>) {
-      VF vs{}, vsr{}, vw{};
-      const VF zero{}, vit = vsplat<float>(it), vm = vsplat<float>(m), vmr = vsplat<float>(mr);
-      const T* nz = r + 1 < r1 ? zr + V : zr;  // the next row, fetched meanwhile (as in kl_fwd_rows)
-      const T* nq = r + 1 < r1 ? qr + V : qr;
-      for (int64_t v = 0; v < Vv; v += kFloatLanes) {
-        __builtin_prefetch(nz + v);
-        __builtin_prefetch(nq + v);
-        const VF a = vload_f(zr + v) * vit, b = vload_f(qr + v) * vit;
-        const VF xa = vexp<true>(a - vm), xb = vexp<true>(b - vmr);
-        vstore(ea + v, xa);
-        vstore(eb + v, xb);
-        vs += xa;
-        vsr += xb;
-        vw += b > -INFINITY ? xb * (b - a) : zero;
-      }
-      s = vsum<float>(vs);
-      sr = vsum<float>(vsr);
-      w = vsum<float>(vw);
-    }
-    for (int64_t v = Vv; v < V; ++v) {
-      const A a = load_as<A>(zr[v]) * it, b = load_as<A>(qr[v]) * it;
-      ea[v] = exp_vec(a - m);
-      eb[v] = exp_vec(b - mr);
-      s += ea[v];
-      sr += eb[v];
-      w += b > -INFINITY ? eb[v] * (b - a) : A(0);
-    }
-    const A l = lse_of(m, s), lr = lse_of(mr, sr);
-    const bool off = mask && !mask[r];
-    const A kl = w / sr - lr + l;
-    lse[r] = l;
-    lse_ref[r] = lr;
-    loss[r] = off ? 0.0 : static_cast<double>(kl);
-    const A c = off ? A(0) : static_cast<A>(grad_scale) * it;
-    const A is = A(1) / s, isr = A(1) / sr;
-    if (grad_z) {
-      // p - p_ref from the kept exps, written over ea (grad_z_ref below needs only eb)
-#pragma omp simd
-      for (int64_t v = 0; v < V; ++v) ea[v] = c * (ea[v] * is - eb[v] * isr);
-      if (!kInPlace) store_row(grad_z + r * V, ea, V, stream);
-    }
-    if (grad_z_ref) {
-#pragma omp simd
-      for (int64_t v = 0; v < V; ++v) {
-        const A lp = load_as<A>(zr[v]) * it - l, lq = load_as<A>(qr[v]) * it - lr;
-        eb[v] = lq > -INFINITY ? c * (eb[v] * isr) * (lq - lp - kl) : A(0);
-      }
-      store_row(grad_z_ref + r * V, eb, V, stream);
-    }
-  }
-  stream_fence(stream);
-}
-
-}  // namespace
-
-template <CpuCapability C, typename T>
-void kl_imitation_fwd_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
-                          double* loss, double* lse, double* lse_ref, int nthreads) {
-  parallel_for(N, V * 16, nthreads, [&](int64_t r0, int64_t r1) {
-    kl_fwd_rows<T>(z, z_ref, mask, V, inv_t, loss, lse, lse_ref, r0, r1);
-  });
-}
-
-template <CpuCapability C, typename T>
-void kl_imitation_bwd_cpu(const T* z, const T* z_ref, const double* g, const double* loss, const double* lse,
-                          const double* lse_ref, int64_t N, int64_t V, double inv_t, T* grad_z, T* grad_z_ref,
-                          int nthreads) {
-  parallel_for(N, V * 16, nthreads, [&](int64_t r0, int64_t r1) {
-    kl_bwd_rows<T>(z, z_ref, g, loss, lse, lse_ref, V, inv_t, grad_z, grad_z_ref, r0, r1);
-  });
-}
-
-template <CpuCapability C, typename T>
-void kl_imitation_fwd_grad_cpu(const T* z, const T* z_ref, const uint8_t* mask, int64_t N, int64_t V, double inv_t,
-                               double grad_scale, double* loss, double* lse, double* lse_ref, T* grad_z,
-                               T* grad_z_ref, int nthreads) {
-  // stream the gradients when they are far larger than the caches (and a row starts aligned)
-  const bool stream = N * V * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (V * int64_t{sizeof(T)}) % 64 == 0;
-  parallel_for(N, V * 24, nthreads, [&](int64_t r0, int64_t r1) {
-    Buffer<Acc<T>> scratch(2 * V);
-    kl_fwd_grad_rows<T>(z, z_ref, mask, V, inv_t, grad_scale, loss, lse, lse_ref, grad_z, grad_z_ref, stream,
-                         scratch.data(), r0, r1);
-  });
-}
-
-#define RETAIN_INSTANTIATE(T)                                                                                  \
-  template void kl_imitation_fwd_grad_cpu<kThisCpu, T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double,       \
-                                             double, double*, double*, double*, T*, T*, int);                  \
-  template void kl_imitation_fwd_cpu<kThisCpu, T>(const T*, const T*, const uint8_t*, int64_t, int64_t, double, double*,  \
-                                        double*, double*, int);                                                \
-  template void kl_imitation_bwd_cpu<kThisCpu, T>(const T*, const T*, const double*, const double*, const double*,        \
-                                        const double*, int64_t, int64_t, double, T*, T*, int);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+#define RETAIN_INSTANTIATE_LABELS(T) RETAIN_INSTANTIATE(T, int8_t) RETAIN_INSTANTIATE(T, uint8_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE_LABELS)
+#undef RETAIN_INSTANTIATE_LABELS
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::margin

@@ -4,12 +4,12 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "common/dtype.h"
 #include "common/cpu_capability.h"
+#include "common/dispatch.h"
+#include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/stream_store.h"
 #include "scan/linear_recurrence.h"
-#include "scan/scan.h"
 
 namespace retain::scan {
 namespace {
@@ -138,10 +138,7 @@ void linear_recurrence_bwd_cpu(const T* a, const T* h, const T* initial, const T
                                              bool, int);                                               \
   template void linear_recurrence_bwd_cpu<kThisCpu, T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t,  \
                                              int64_t, int64_t, bool, int);
-RETAIN_INSTANTIATE(float)
-RETAIN_INSTANTIATE(double)
-RETAIN_INSTANTIATE(bf16_t)
-RETAIN_INSTANTIATE(f16_t)
+RETAIN_FOR_EACH_FLOATING(RETAIN_INSTANTIATE)
 #undef RETAIN_INSTANTIATE
 
 }  // namespace retain::scan
