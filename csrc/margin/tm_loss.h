@@ -18,14 +18,18 @@ RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE int label_at(const uint8_t* row, int64_t 
   return (code == 1) - (code == 2);
 }
 
+// max(0, a) that keeps a NaN: a NaN activation makes the loss NaN, as in the reference.
+template <typename A>
+RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A relu_keep_nan(A a) {
+  return A(0) > a ? A(0) : a;
+}
+
 // Loss of one element: label +1: max(0, pos - h); -1: max(0, h - neg); 0: max(0, h - pos) + max(0, neg - h).
 template <typename A>
 RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A tm_element(A h, int label, A pos, A neg) {
-  const A below_pos = pos > h ? pos - h : A(0);
-  const A above_neg = h > neg ? h - neg : A(0);
-  const A above_pos = h > pos ? h - pos : A(0);
-  const A below_neg = neg > h ? neg - h : A(0);
-  return label > 0 ? below_pos : (label < 0 ? above_neg : above_pos + below_neg);
+  if (label > 0) return relu_keep_nan(pos - h);
+  if (label < 0) return relu_keep_nan(h - neg);
+  return relu_keep_nan(h - pos) + relu_keep_nan(neg - h);
 }
 
 // d loss / d h of one element (0 on the thresholds themselves, where the loss is 0).

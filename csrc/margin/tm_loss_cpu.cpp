@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 // The TM rows in AVX-512 intrinsics: the avx512 build of this file only (x86-64-v4 has F, BW
@@ -60,8 +61,8 @@ RETAIN_FORCE_INLINE const int8_t* row_labels(const uint8_t* labels, int64_t labe
 // Both loops in explicit native-width float vectors for float/bfloat16/float16 (the auto-vectorised form
 // spent ~2 cycles an element on label conversion and selects); double and the tail stay scalar.
 // Per element, with the label's interval [lo, hi] (+1: [pos, inf), -1: (-inf, neg], 0: [neg, pos]):
-// loss = max(0, lo - h) + max(0, h - hi) and slope = [h > hi] - [h < lo], term for term the same
-// operations as tm_element / tm_slope, so the results agree to the bit.
+// loss = max(0, lo - h) + max(0, h - hi) and slope = [h > hi] - [h < lo]: for every non-NaN h the
+// values of tm_element / tm_slope to the bit; a NaN h is flagged and makes the row's sum NaN.
 template <typename T>
 constexpr bool kVectorTm = !std::is_same_v<T, double>;
 
@@ -98,7 +99,7 @@ struct TmInterval {
 // masks (no int8 -> float conversion), masked moves build [lo, hi], and max / masked adds replace
 // compare-and-select pairs: about half the instructions of the portable vector loop, which left
 // the TM loss core-bound. Same operations per element as
-// tm_element / tm_slope (max(a, 0) is a > 0 ? a : 0, NaN included).
+// tm_element / tm_slope, with a NaN activation flagged and made the row's sum.
 
 // GCC 12 reports the deliberately undefined register inside its own _mm512_undefined_ps
 // (used by the intrinsics below) as uninitialised: a false positive in the system header.
@@ -171,10 +172,12 @@ int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const f
                           float& sum, float& count, uint16_t* bits) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   __m512 vs = zero, vc = zero;
+  __mmask16 nan = 0;  // the max below drops a NaN x (its infinite bound would make one of ±inf)
   const int64_t D64 = tm_row_avx512(h, lab, label_row, P, N, D,
                                     [&](int64_t e0, __m512 x, __m512 lo, __m512 hi) __attribute__((always_inline)) {
     const __m512 e =
         _mm512_add_ps(_mm512_max_ps(_mm512_sub_ps(lo, x), zero), _mm512_max_ps(_mm512_sub_ps(x, hi), zero));
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     vs = _mm512_add_ps(vs, e);
     vc = _mm512_mask_add_ps(vc, _mm512_cmp_ps_mask(e, zero, _CMP_GT_OQ), vc, one);
     if (bits) {
@@ -182,7 +185,7 @@ int64_t tm_fwd_row_avx512(const T* h, const Lab* lab, int64_t label_row, const f
       bits[e0 / 8 + 1] = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     }
   });
-  sum = _mm512_reduce_add_ps(vs);
+  sum = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_add_ps(vs);
   count = _mm512_reduce_add_ps(vc);
   return D64;
 }
@@ -244,6 +247,7 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
     const int8_t* __restrict lr = d0 < D ? row_labels(labels, label_row, r, D, scratch.data()) : nullptr;
     if constexpr (kVectorTm<T>) {
       VF vs{}, vc{};
+      VM nan{};  // as in the AVX-512 rows: the selects drop a NaN x, which must reach the sum
       const VF zero{}, one = vsplat(1.0f);
       const Lab* lab_next = labels + (r + 1) * label_row;
       for (int64_t d = d0; d < Dv; d += kFloatLanes) {
@@ -252,6 +256,7 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
         const VF x = vload_f(hr + d);
         const VF below = iv.lo - x, above = x - iv.hi;
         const VF e = (below > 0.0f ? below : zero) + (above > 0.0f ? above : zero);
+        nan |= x != x;
         vs += e;
         vc += e > 0.0f ? one : zero;
         if (bits) {
@@ -260,7 +265,7 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
           bits[2 * (d / 16) + 1] |= static_cast<uint16_t>(vmask_bits(x < iv.lo) << (d % 16));
         }
       }
-      sum += vsum<float>(vs);
+      sum = vmask_bits(nan) ? std::numeric_limits<float>::quiet_NaN() : sum + vsum<float>(vs);
       count += vsum<float>(vc);
     }
     for (int64_t d = Dv; d < D; ++d) {

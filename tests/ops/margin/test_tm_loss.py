@@ -75,6 +75,23 @@ def test_tm_loss_all_masked_and_no_violations_give_zero(reduction):
     assert loss.item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=str)
+@pytest.mark.parametrize("where", [0, 63, 64, 130])  # in the 64-wide AVX-512 blocks, a 16/8/4-lane vector, the tail
+@pytest.mark.parametrize("packed", [False, True])
+def test_tm_loss_nan_activation_gives_nan_and_infinities_the_references_loss(dtype, where, packed):
+    h, labels, pos, neg, _ = make_case(B=1, L=2, D=131, dtype=dtype, seed=where)
+    labels = ref.pack_tm_labels_ref(labels) if packed else labels
+    x = h.detach().clone()
+    x[0, 1, where] = float("nan")
+    for reduction in REDUCTIONS:
+        assert tm_loss(x, labels, pos, neg, reduction=reduction).isnan(), reduction
+    # +-inf under every label: each element's loss is 0 or inf as relu gives it, never NaN
+    for value in (float("inf"), -float("inf")):
+        y = h.detach().clone()
+        y[0, 1, where] = value
+        assert_close(tm_loss(y, labels, pos, neg, reduction="sum"), ref.tm_loss_ref(y, labels, pos, neg, reduction="sum"))
+
+
 def test_tm_loss_gradient_is_plus_minus_one_over_count():
     h, labels, pos, neg, mask = make_case(B=3, L=7, D=9, seed=3)
     loss = tm_loss(h, labels, pos, neg, mask=mask)
