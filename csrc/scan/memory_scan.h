@@ -38,7 +38,7 @@ inline const char* gate_kind_name(GateKind g) {
 }
 
 // Largest K the CUDA kernel takes (KR <= 32 rows of a column per thread, KS <= 8 threads per
-// column); exported as retain._C.memory_scan_cuda_max_k, which python/retain/ops/scan/_memory.py
+// column); exported as retain._C.memory_scan_cuda_max_k, which python/retain/ops/scan/memory_scan.py
 // checks first.
 constexpr int64_t kMemoryScanCudaMaxK = 256;
 

@@ -1,7 +1,7 @@
 // Checks linear_recurrence's CUDA kernels (csrc/scan/linear_recurrence_cuda.cu), run on the CPU
 // under the fiber emulation of cuda_runtime.h, against the CPU kernels: h, and grad_x, grad_a,
 // grad_initial, both directions, with and without an initial state; lane counts around the block
-// size. Built and run by tests/ops/test_scan_cuda_emulated.py.
+// size. Built and run by tests/ops/scan/test_cuda_emulated.py.
 #include <cuda_runtime.h>
 
 #include <cmath>

@@ -2,7 +2,7 @@
 // feature_imitation_cuda.cu), run on the CPU under the fiber emulation of cuda_runtime.h, against
 // the CPU kernels: row sums and counts, losses and log-sum-exps, every gradient; outputs start as
 // NaN so an unwritten element fails. Row lengths straddle the block sizes (32 ... 256 threads)
-// and warp boundaries. Built and run by tests/ops/test_margin_cuda_emulated.py.
+// and warp boundaries. Built and run by tests/ops/margin/test_cuda_emulated.py.
 #include <cuda_runtime.h>
 
 #include <cmath>

@@ -1,7 +1,7 @@
 // Checks memory_scan_cuda.cu, run on the CPU under the fiber emulation of cuda_runtime.h (every
 // thread of a block a fiber, __syncthreads and warp shuffles barriers, shared memory and the
 // backward's workspace poisoned with NaN), against the CPU kernel: forward outputs, checkpoints,
-// cached states and every gradient. Built and run by tests/ops/test_scan_cuda_emulated.py.
+// cached states and every gradient. Built and run by tests/ops/scan/test_cuda_emulated.py.
 #include <cmath>
 #include <cstdio>
 #include <random>
