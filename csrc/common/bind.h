@@ -1,10 +1,12 @@
-// Binding one kernel entry for the CPU and for CUDA from one body (csrc/<family>/bind.cpp).
+// Binding one kernel entry for the CPU and for CUDA from one body (csrc/<family>/bind.cpp):
 //
-//   bind::def<bind::Cpu, bind::Cuda>(m, kernels, "retain::foo", "foo_fwd",
+//   constexpr const char* kFoo = "retain::foo";  // the op, as Python's errors name it
+//   bind::def<Cpu, Cuda>(m, kernels, kFoo, "foo_fwd",
 //       [](auto dev, int dtype, uintptr_t x, uintptr_t y, int64_t n) {
-//         check_sizes({n}, op);
-//         RETAIN_DISPATCH_FLOATING(dtype, op, [&] {
-//           RETAIN_LAUNCH(dev, fam::foo_fwd)(as_ptr<scalar_t>(x, op, "x"), as_mut_ptr<scalar_t>(y, op, "y"), n);
+//         check_sizes({n}, kFoo);
+//         RETAIN_DISPATCH_FLOATING(dtype, kFoo, [&] {
+//           RETAIN_LAUNCH(dev, fam::foo_fwd)(as_ptr<scalar_t>(x, kFoo, "x"),
+//                                            as_mut_ptr<scalar_t>(y, kFoo, "y"), n);
 //         });
 //       });
 //
@@ -12,9 +14,9 @@
 // nthreads) through cpu_dispatch, and, in builds with CUDA, foo_fwd_cuda(dtype, x, y, n, stream),
 // which runs fam::foo_fwd_cuda(..., stream); both with the GIL released, and both recorded in
 // `kernels`, which becomes retain._C.kernels ({"foo": ["cpu", "cuda"]}). An entry that exists on one
-// device only, or whose arguments differ between devices, is bound with one device,
-// bind::def<bind::Cpu>(...), and calls its launcher with RETAIN_CPU (or, under RETAIN_WITH_CUDA,
-// directly).
+// device only, or whose arguments differ between the devices, is bound for one device,
+// bind::def<Cpu>(...), and calls its launcher with RETAIN_CPU (or, bind::def<Cuda> under
+// #ifdef RETAIN_WITH_CUDA, directly).
 //
 // A binding file includes this header and its ops' headers only: it brings the argument checks
 // (errors.h), the dtype dispatch (dispatch.h) and, in namespace retain, py (pybind11), Cpu, Cuda
