@@ -158,13 +158,15 @@ def test_memory_scan_hypothesis(B, T, H, K, V, objective, gate, momentum, initia
                       use_qk_l2norm=l2norm, states_every=3)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("momentum", [False, True])
-def test_memory_scan_low_precision(dtype, momentum):
-    case = make_case(B=1, T=20, H=2, K=8, V=8, dtype=dtype, gate="head", momentum=momentum, initial=True, seed=7)
+def test_memory_scan_low_precision(dtype, momentum, device):
+    case = make_case(B=1, T=20, H=2, K=8, V=8, dtype=dtype, gate="head", momentum=momentum, initial=True, seed=7,
+                     device=device)
     check_memory_scan(case)
     o, S, _ = memory_scan(case["q"], case["k"], case["v"], case["beta"], output_final_state=True)
-    assert o.dtype == dtype and S.dtype == torch.float32
+    assert o.dtype == dtype and S.dtype == torch.float32 and o.device.type == device
 
 
 def test_memory_scan_gates_at_extremes():
@@ -444,16 +446,6 @@ def test_memory_scan_cuda_varlen(momentum):
     case["initial_state"] = (state(), state()) if momentum else state()
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device="cuda")
     check_memory_scan(case, cu_seqlens=cu, states_every=2, retention_first=True, use_qk_l2norm=True)
-
-
-@cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("momentum", [False, True])
-def test_memory_scan_cuda_low_precision(dtype, momentum):
-    case = cuda_case(B=1, T=20, H=2, K=8, V=8, dtype=dtype, gate="head", momentum=momentum, initial=True, seed=7)
-    check_memory_scan(case)
-    o, S, _ = memory_scan(case["q"], case["k"], case["v"], case["beta"], output_final_state=True)
-    assert o.dtype == dtype and S.dtype == torch.float32 and o.is_cuda
 
 
 def _run_all(case, **kwargs):
