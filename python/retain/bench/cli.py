@@ -109,7 +109,7 @@ def run_cli(args: argparse.Namespace) -> int:
     log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if args.wait_quiet > 0:
         other = wait_quiet(args.wait_quiet)
-        log(f"retain bench: other processes' CPU before starting: "
+        log("retain bench: other processes' CPU before starting: "
             + ("unknown" if other is None else f"{other:.2f} cores"))
     if args.cold_heap:
         heap = "cold (glibc defaults: large outputs are fresh mmaps, page faults included)"

@@ -60,7 +60,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{c.get('matmul_gflops_before', c['matmul_gflops']):.0f} / "
         f"{c.get('matmul_gflops_after', c['matmul_gflops']):.0f} GFLOP/s",
         f"- heap: {cfg['heap']}",
-        f"- other processes' CPU during the run: "
+        "- other processes' CPU during the run: "
         + ("unknown" if cfg.get("other_cpu") is None else f"{cfg['other_cpu']:.2f} cores on average")
         + f"; cells where it exceeded {NOISY_CORES} cores say `noisy`"
         + (" (**the machine was busy: rerun when quiet**)" if (cfg.get("other_cpu") or 0) > NOISY_CORES else ""),

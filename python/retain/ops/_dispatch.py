@@ -21,8 +21,8 @@ from torch import Tensor
 
 from retain import _native
 
-# op -> (its native kernel name in retain._C.kernels, the devices it got a kernel for)
-_REGISTERED: dict[object, tuple[str, set[str]]] = {}
+# op -> the devices it got a native kernel for
+_REGISTERED: dict[object, set[str]] = {}
 _DISABLED: set[tuple[object, str]] = set()
 
 
@@ -35,22 +35,21 @@ def register_kernels(op, kernel: str, impl: Callable | None = None, **per_device
         if fn is not None:
             op.register_kernel(device)(fn)
             served_devices.add(device)
-    _REGISTERED[op] = (kernel, served_devices)
+    _REGISTERED[op] = served_devices
 
 
 def served(op, device: torch.device | str) -> bool:
     """True when a native kernel of ``op`` serves tensors on ``device`` (fakes ask this where an
     output exists only for the kernel, e.g. saved checkpoints)."""
     device_type = device if isinstance(device, str) else device.type
-    devices = _REGISTERED.get(op, ("", set()))[1]
-    return device_type in devices and (op, device_type) not in _DISABLED
+    return device_type in _REGISTERED.get(op, ()) and (op, device_type) not in _DISABLED
 
 
 @contextlib.contextmanager
 def kernels_disabled(device: str = "cpu") -> Iterator[None]:
     """Run every op's fallback on ``device`` inside the block (tests of the fallback path)."""
     with contextlib.ExitStack() as stack:
-        for op, (_, devices) in _REGISTERED.items():
+        for op, devices in _REGISTERED.items():
             if device in devices:
                 stack.enter_context(op.set_kernel_enabled(device, enabled=False))
                 _DISABLED.add((op, device))

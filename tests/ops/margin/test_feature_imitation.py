@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import retain
 from retain import _native
 from retain.ops import feature_imitation
 from retain.ops.margin import reference as ref

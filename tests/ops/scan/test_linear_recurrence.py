@@ -11,7 +11,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import retain
 from retain import _native
 from retain.ops import linear_recurrence
 from retain.ops.scan.reference import linear_recurrence_ref

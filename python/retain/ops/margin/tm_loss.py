@@ -108,11 +108,17 @@ def _slope_bits_shape(h: Tensor, keep_slope: bool) -> tuple[int, ...]:
     return (0,)
 
 
-def _elementwise(h, labels, pos_thr, neg_thr, mask):
-    """Every element's loss in the state dtype, exactly 0 on masked rows (whatever they hold)."""
+def _aligned(h, labels, pos_thr, neg_thr):
+    """int8 labels and the thresholds broadcastable against h [B, L, D] (the PyTorch paths)."""
     if labels.dtype == torch.uint8:
         labels = reference.unpack_tm_labels_ref(labels, h.shape[-1])
     pos, neg = (t[:, None, :] if t.dim() == 2 else t for t in (pos_thr, neg_thr))
+    return labels, pos, neg
+
+
+def _elementwise(h, labels, pos_thr, neg_thr, mask):
+    """Every element's loss in the state dtype, exactly 0 on masked rows (whatever they hold)."""
+    labels, pos, neg = _aligned(h, labels, pos_thr, neg_thr)
     ell = reference.tm_elementwise_ref(h.to(pos_thr.dtype), labels, pos, neg)
     return ell if mask is None else torch.where(mask.to(torch.bool)[..., None], ell, 0.0)
 
@@ -225,12 +231,9 @@ def _(grad, denom, h, labels, pos_thr, neg_thr, mask):
 
 def _threshold_grads(grad, denom, h, labels, pos_thr, neg_thr, mask):
     """Gradients of the thresholds (rarely wanted: GeRe's are fixed statistics), in PyTorch."""
-    if labels.dtype == torch.uint8:
-        labels = reference.unpack_tm_labels_ref(labels, h.shape[-1])
+    labels, pos, neg = _aligned(h, labels, pos_thr, neg_thr)
     acc = pos_thr.dtype
     x = h.to(acc)
-    pos = pos_thr[:, None, :] if pos_thr.dim() == 2 else pos_thr
-    neg = neg_thr[:, None, :] if neg_thr.dim() == 2 else neg_thr
     d_pos = ((labels > 0) & (x < pos)).to(acc) - ((labels == 0) & (x > pos)).to(acc)
     d_neg = ((labels == 0) & (x < neg)).to(acc) - ((labels < 0) & (x > neg)).to(acc)
     if mask is not None:

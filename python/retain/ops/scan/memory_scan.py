@@ -359,7 +359,7 @@ def _backward_cuda(*args):
     grads, code, d, gd, work, _held = _backward_launch(*args)
     if work:
         lib = _native.lib()
-        q = args[4]
+        q = grads[0]  # q's gradient: q's shape, dtype and device
         numel = lib.memory_scan_cuda_work_numel(d["B"], d["T"], d["H"], d["K"], d["V"], d["N"], d["ckpt_every"],
                                                 d["momentum"], d["gate_kind"] != GATE_CODES["none"])
         buf = torch.empty(numel, dtype=acc_dtype(q.dtype), device=q.device)
