@@ -33,14 +33,21 @@ py::dict build_info() {
   info["compiler"] = RETAIN_COMPILER;
   info["openmp"] = _OPENMP;
   info["openmp_max_threads"] = openmp_max_threads();
+#ifdef RETAIN_GLIBC_FLOOR
+  info["glibc_floor"] = RETAIN_GLIBC_FLOOR;  // the oldest glibc it runs on (common/glibc_floor.cpp)
+#else
+  info["glibc_floor"] = "";
+#endif
 #ifdef RETAIN_WITH_CUDA
   info["cuda"] = true;
   info["cuda_archs"] = RETAIN_CUDA_ARCHS;
   info["cuda_runtime"] = cuda_runtime_version();
+  info["cuda_runtime_link"] = RETAIN_CUDA_RUNTIME_LINK;
 #else
   info["cuda"] = false;
   info["cuda_archs"] = "";
   info["cuda_runtime"] = 0;
+  info["cuda_runtime_link"] = "";
 #endif
   return info;
 }

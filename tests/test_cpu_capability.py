@@ -199,7 +199,11 @@ def test_portable_kernels_cross_compile_and_run_on_aarch64(tmp_path):
     exe = tmp_path / "portable_smoke"
     cmd = [AARCH64_CXX, "-std=c++17", "-O1", "-fopenmp", "-Wall", "-Wextra", "-Werror", "-DRETAIN_CPU_CAPABILITY=0",
            f"-I{ROOT / 'csrc'}", str(HERE / "cpu_emu" / "portable_smoke.cpp"),
-           *[str(ROOT / "csrc" / s) for s in KERNEL_SOURCES], "-o", str(exe)]
+           *[str(ROOT / "csrc" / s) for s in KERNEL_SOURCES],
+           # linked as the module is (RETAIN_PORTABLE_LINK): the glibc-floor bindings resolve on aarch64 too
+           *[str(ROOT / "csrc" / "common" / s) for s in ("glibc_floor.cpp", "glibc_floor_versions.cpp")],
+           "-static-libstdc++",
+           "-Wl,--push-state,--no-as-needed,-l:libpthread.so.0,--pop-state", "-o", str(exe)]
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-4000:]
     if QEMU_AARCH64 is None:

@@ -112,6 +112,48 @@ def test_retain_info_lists_every_compiled_cuda_architecture():
         assert "smoke test on cuda: skipped (" in proc.stdout, proc.stdout
 
 
+# manylinux_2_28 (PEP 600, auditwheel's policy): the newest symbol versions a module may need from
+# the system libraries, and the libraries it may need from the system at all (libgomp and the
+# shared CUDA runtime are grafted into the wheel by auditwheel, renamed libgomp-<hash>.so.1).
+MANYLINUX_2_28_MAX = {"GLIBC": (2, 28), "GLIBCXX": (3, 4, 24), "CXXABI": (1, 3, 11), "GCC": (7, 0, 0)}
+MANYLINUX_2_28_SYSTEM_LIBS = {"libc.so.6", "libm.so.6", "libdl.so.2", "librt.so.1", "libpthread.so.0",
+                              "libgcc_s.so.1", "libstdc++.so.6", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
+GRAFTED_LIBS = ("libgomp.so.1", "libgomp-", "libcudart.so.", "libcudart-")
+
+
+def _version_needs(module: str) -> tuple[set[str], dict[str, set[tuple[int, ...]]]]:
+    """The module's DT_NEEDED libraries and the symbol versions it references (objdump)."""
+    import re
+
+    needed = set(re.findall(r"^\s*NEEDED\s+(\S+)$", subprocess.run(
+        ["objdump", "-p", module], capture_output=True, text=True, check=True).stdout, re.M))
+    versions: dict[str, set[tuple[int, ...]]] = {}
+    symbols = subprocess.run(["objdump", "-T", module], capture_output=True, text=True, check=True).stdout
+    for line in symbols.splitlines():
+        m = re.search(r"\*UND\*\s+\S+\s+\(?([A-Z]+)_([0-9][0-9.]*)\)?\s", line)
+        if m:
+            versions.setdefault(m.group(1), set()).add(tuple(int(p) for p in m.group(2).split(".")))
+    return needed, versions
+
+
+@pytest.mark.skipif(not retain.capabilities()["build"].get("glibc_floor"),
+                    reason="built with RETAIN_PORTABLE_LINK=OFF, or not for glibc")
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_native_module_runs_on_glibc_2_28():
+    """Built on any newer system, the module needs nothing a manylinux_2_28 system lacks:
+    csrc/common/glibc_floor.cpp and the static libstdc++ make this hold, and this checks it."""
+    from retain import _C
+
+    needed, versions = _version_needs(_C.__file__)
+    foreign = {lib for lib in needed if lib not in MANYLINUX_2_28_SYSTEM_LIBS and not lib.startswith(GRAFTED_LIBS)}
+    assert not foreign, f"needs libraries a manylinux_2_28 system does not have: {sorted(foreign)}"
+    too_new = {f"{name}_{'.'.join(map(str, v))}" for name, vs in versions.items() if name in MANYLINUX_2_28_MAX
+               for v in vs if v > MANYLINUX_2_28_MAX[name]}
+    assert not too_new, f"symbol versions newer than manylinux_2_28 allows: {sorted(too_new)}"
+    assert "libstdc++.so.6" not in needed, "RETAIN_PORTABLE_LINK links libstdc++ statically"
+    assert versions.get("GLIBC"), "no GLIBC version needs parsed from objdump: the check saw nothing"
+
+
 def test_retain_version_and_info_name_the_cpu():
     proc = subprocess.run([sys.executable, "-m", "retain", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"retain {retain.__version__}", proc.stdout + proc.stderr

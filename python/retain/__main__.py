@@ -21,8 +21,9 @@ def _info(_args) -> int:
         print(_native.REBUILD_HINT)
         return 1
     build, cpu = caps["build"], caps["cpu"]
+    floor = f", runs on glibc >= {build['glibc_floor']}" if build["glibc_floor"] else ""
     print(f"native module: {build['compiler']}, OpenMP {build['openmp']} "
-          f"(torch threads: {torch.get_num_threads()})")
+          f"(torch threads: {torch.get_num_threads()}){floor}")
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores; instruction sets: {' '.join(cpu['isa']) or 'baseline'}")
     print(f"CPU kernels: capability {cpu['capability']} (this CPU supports up to {cpu['supported']}; "
           f"compiled: {', '.join(cpu['compiled'])}; {_native.CPU_CAPABILITY_ENV} selects a lower one)")
@@ -33,7 +34,8 @@ def _info(_args) -> int:
     if build["cuda"]:
         rt = build["cuda_runtime"]
         archs = ", ".join(f"sm_{a}" for a in build["cuda_archs"].split(","))
-        print(f"CUDA kernels: compiled for {archs} (runtime {rt // 1000}.{rt % 1000 // 10}, static)")
+        print(f"CUDA kernels: compiled for {archs} (runtime {rt // 1000}.{rt % 1000 // 10}, "
+              f"linked {build['cuda_runtime_link']})")
     else:
         print("CUDA kernels: not compiled (rebuild with RETAIN_CUDA=ON for GPU kernels)")
     print("kernels:")
