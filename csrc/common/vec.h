@@ -87,6 +87,34 @@ RETAIN_FORCE_INLINE VM vbits_mask(uint32_t bits) {
   return ((VM{} + static_cast<int32_t>(bits)) & lane_bit) != 0;
 }
 
+// a > b ? a : b and a < b ? a : b, lane-wise: one instruction on x86 (maxps / minps have exactly
+// these semantics: b where either is NaN). Written as selects, GCC keeps a compare and a blend
+// (vblendvps, 2-3 uops on Intel). vmax(zero, x) is relu that drops NaN; vmax(c, x) is a lower
+// clamp that keeps it.
+RETAIN_FORCE_INLINE VF vmax(VF a, VF b) {
+#if defined(__AVX512F__)
+  // zero-masked forms: the plain ones start from _mm512_undefined_ps (GCC 12: maybe-uninitialised)
+  return (VF)_mm512_maskz_max_ps(static_cast<__mmask16>(0xFFFF), (__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  return (VF)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__SSE2__)
+  return (VF)_mm_max_ps((__m128)a, (__m128)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+RETAIN_FORCE_INLINE VF vmin(VF a, VF b) {
+#if defined(__AVX512F__)
+  return (VF)_mm512_maskz_min_ps(static_cast<__mmask16>(0xFFFF), (__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  return (VF)_mm256_min_ps((__m256)a, (__m256)b);
+#elif defined(__SSE2__)
+  return (VF)_mm_min_ps((__m128)a, (__m128)b);
+#else
+  return a < b ? a : b;
+#endif
+}
+
 template <typename A>
 RETAIN_FORCE_INLINE A vsum(typename Vec<A>::type v) {
   A s = 0;
@@ -145,12 +173,11 @@ RETAIN_FORCE_INLINE void vstore_f(f16_t* p, VF v) {
 // clamp goes.
 template <bool NonPositive = false>
 RETAIN_FORCE_INLINE VF vexp(VF x) {
-  using I = Vec<float>::itype;
-  x = x < -87.0f ? vsplat(-87.0f) : x;
-  if constexpr (!NonPositive) x = x > 88.0f ? vsplat(88.0f) : x;
-  VF n;
-  const VF p = exp_poly(x, n);
-  const I e = (__builtin_convertvector(n, I) + 127) << 23;
+  x = vmax(vsplat(-87.0f), x);  // a NaN x stays NaN (x < -87 ? -87 : x)
+  if constexpr (!NonPositive) x = vmin(vsplat(88.0f), x);
+  VF biased;
+  const VF p = exp_poly(x, biased);
+  const u32xF e = (u32xF)biased << 23;  // 2^n (common/exp_poly.h)
   return p * (VF)e;
 }
 

@@ -24,9 +24,11 @@ RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A exp_vec(A x) {
 template <>
 RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE float exp_vec<float>(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float n;
-  const float p = exp_poly(x, n);  // as retain::vexp (common/vec.h)
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float biased;
+  const float p = exp_poly(x, biased);  // as retain::vexp (common/vec.h)
+  uint32_t e;
+  memcpy(&e, &biased, sizeof(e));
+  e <<= 23;  // 2^n (common/exp_poly.h)
   float scale;
   memcpy(&scale, &e, sizeof(scale));
   return p * scale;

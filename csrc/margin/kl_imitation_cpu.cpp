@@ -50,9 +50,10 @@ RETAIN_FORCE_INLINE void kl_row_max(const T* __restrict zr, const T* __restrict 
 }
 
 // Pass 2 of a row, with its maxima m and mr: s = sum exp(z/T - m), sr = sum exp(z_ref/T - mr)
-// and w = sum exp(z_ref/T - mr) (z_ref - z)/T. The pass is compute-bound (the row is in L2), so
-// it fetches the next row (nz, nq) meanwhile for the memory-bound max pass. Keep: the exps are
-// also stored, exp(z/T - m) to ea and exp(z_ref/T - mr) to eb.
+// and w = sum exp(z_ref/T - mr) (z_ref - z)/T (accumulated without the 1/T, applied once). The
+// pass is compute-bound (the row is in L2), so it fetches the next row (nz, nq) meanwhile for
+// the memory-bound max pass, one prefetch per cache line. Keep: the exps are also stored,
+// exp(z/T - m) to ea and exp(z_ref/T - mr) to eb.
 template <typename A>
 struct KlSums {
   A s = 0, sr = 0, w = 0;
@@ -65,11 +66,9 @@ RETAIN_FORCE_INLINE KlSums<A> kl_row_sums(const T* __restrict zr, const T* __res
   if constexpr (kVectorRows<T>) {
     VF vs{}, vsr{}, vw{};
     const VF zero{}, vit = vsplat<float>(it), vm = vsplat<float>(m), vmr = vsplat<float>(mr);
-    for (int64_t v = 0; v < Vv; v += kFloatLanes) {
-      __builtin_prefetch(nz + v);
-      __builtin_prefetch(nq + v);
-      const VF a = vload_f(zr + v) * vit, b = vload_f(qr + v) * vit;
-      const VF xa = vexp<true>(a - vm), xb = vexp<true>(b - vmr);
+    const auto step = [&](int64_t v) __attribute__((always_inline)) {
+      const VF a = vload_f(zr + v), b = vload_f(qr + v);
+      const VF xa = vexp<true>(a * vit - vm), xb = vexp<true>(b * vit - vmr);
       if constexpr (Keep) {
         vstore(ea + v, xa);
         vstore(eb + v, xb);
@@ -77,19 +76,30 @@ RETAIN_FORCE_INLINE KlSums<A> kl_row_sums(const T* __restrict zr, const T* __res
       vs += xa;
       vsr += xb;
       vw += b > -INFINITY ? xb * (b - a) : zero;  // p_ref = 0 adds 0, not 0 * -inf
+    };
+    // a cache line of T per prefetch (at least one vector)
+    constexpr int64_t kLine = 64 / int64_t{sizeof(T)} > kFloatLanes ? 64 / int64_t{sizeof(T)} : kFloatLanes;
+    int64_t v = 0;
+    for (; v + kLine <= Vv; v += kLine) {
+      __builtin_prefetch(nz + v);
+      __builtin_prefetch(nq + v);
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < kLine; j += kFloatLanes) step(v + j);
     }
+    for (; v < Vv; v += kFloatLanes) step(v);
     k.s = vsum<float>(vs);
     k.sr = vsum<float>(vsr);
     k.w = vsum<float>(vw);
   }
   for (int64_t v = Vv; v < V; ++v) {
-    const A a = load_as<A>(zr[v]) * it, b = load_as<A>(qr[v]) * it;
-    const A xa = exp_vec(a - m), xb = exp_vec(b - mr);
+    const A a = load_as<A>(zr[v]), b = load_as<A>(qr[v]);
+    const A xa = exp_vec(a * it - m), xb = exp_vec(b * it - mr);
     if constexpr (Keep) ea[v] = xa, eb[v] = xb;
     k.s += xa;
     k.sr += xb;
     k.w += b > -INFINITY ? xb * (b - a) : A(0);
   }
+  k.w *= it;
   return k;
 }
 

@@ -86,13 +86,39 @@ RETAIN_FORCE_INLINE int64_t label_offset(int64_t d) {
 struct TmInterval {
   VF lo, hi;
   RETAIN_FORCE_INLINE TmInterval(const int8_t* lab, const float* p, const float* n) {
-    const VM l = vload_i(lab);  // integer compares: no conversion of the labels to floats
+    const VM l = vload_i(lab);  // integer labels: no conversion to floats
     const VF P = vload(p), N = vload(n);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // blendv reads sign bits only: l's is set for label -1, (l << 31)'s for +1 and -1, so the
+    // label needs no compare (two uops fewer per vector; the loop is uop-bound with AVX2)
+    const __m256 neg = (__m256)l, nonzero = (__m256)(l << 31);
+    lo = (VF)_mm256_blendv_ps((__m256)N, _mm256_blendv_ps((__m256)P, _mm256_set1_ps(-INFINITY), neg), nonzero);
+    hi = (VF)_mm256_blendv_ps((__m256)P, _mm256_blendv_ps(_mm256_set1_ps(INFINITY), (__m256)N, neg), nonzero);
+#else
     const VM pos = l > 0, neg = l < 0;
     lo = pos ? P : (neg ? vsplat(-INFINITY) : N);
     hi = neg ? N : (pos ? vsplat(INFINITY) : P);
+#endif
   }
 };
+
+// The portable vector rows visit a row's vectors [d0, Dv) in 16-element blocks (one pair of
+// slope-bit words each, so a block's bits are stored once, not or-ed in per vector): f(d, j)
+// for the block's vectors (j: the vector's place in its block), then done(d16) for each full
+// block; the next row is prefetched every 64 elements. Vectors past the last full block get
+// f(d, j) alone (their bits are or-ed in). d0 is a multiple of 64.
+template <typename T, typename Lab, typename F, typename Done>
+RETAIN_FORCE_INLINE void tm_row_vectors(const T* h, const Lab* lab_next, int64_t d0, int64_t Dv, int64_t D, const F& f,
+                                        const Done& done) {
+  int64_t d = d0;
+  for (; d + 16 <= Dv; d += 16) {
+    if (d % 64 == 0) prefetch_next_row(h + d, lab_next + label_offset<Lab>(d), D);
+#pragma GCC unroll 4
+    for (int j = 0; j < 16 / kFloatLanes; ++j) f(d + j * kFloatLanes, j);
+    done(d);
+  }
+  for (int j = 0; d < Dv; d += kFloatLanes, ++j) f(d, j);
+}
 
 #ifdef RETAIN_TM_AVX512
 // AVX-512 (F + BW) rows, in the avx512 build: one byte compare per 64 labels gives the label
@@ -246,27 +272,34 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
 #endif
     const int8_t* __restrict lr = d0 < D ? row_labels(labels, label_row, r, D, scratch.data()) : nullptr;
     if constexpr (kVectorTm<T>) {
-      VF vs{}, vc{};
-      VM nan{};  // as in the AVX-512 rows: the selects drop a NaN x, which must reach the sum
-      const VF zero{}, one = vsplat(1.0f);
-      const Lab* lab_next = labels + (r + 1) * label_row;
-      for (int64_t d = d0; d < Dv; d += kFloatLanes) {
-        if (d % 64 == 0) prefetch_next_row(hr + d, lab_next + label_offset<Lab>(d), D);
+      VF vs{};
+      VM vc{}, nan{};  // nan as in the AVX-512 rows: the relus drop a NaN x, which must reach the sum
+      const VF zero{};
+      uint32_t up = 0, down = 0;  // the current block's slope bits
+      tm_row_vectors(hr, labels + (r + 1) * label_row, d0, Dv, D, [&](int64_t d, int j) __attribute__((always_inline)) {
         const TmInterval iv(lr + d, p + d, n + d);
         const VF x = vload_f(hr + d);
-        const VF below = iv.lo - x, above = x - iv.hi;
-        const VF e = (below > 0.0f ? below : zero) + (above > 0.0f ? above : zero);
+        const VF e = vmax(iv.lo - x, zero) + vmax(x - iv.hi, zero);
         nan |= x != x;
         vs += e;
-        vc += e > 0.0f ? one : zero;
+        vc -= e > zero;  // lanes of -1 where true
         if (bits) {
-          // into bits d % 16 .. of the 16-element block's two words (zeroed above)
-          bits[2 * (d / 16)] |= static_cast<uint16_t>(vmask_bits(x > iv.hi) << (d % 16));
-          bits[2 * (d / 16) + 1] |= static_cast<uint16_t>(vmask_bits(x < iv.lo) << (d % 16));
+          const uint32_t shift = static_cast<uint32_t>(j * kFloatLanes);
+          const uint32_t u = vmask_bits(x > iv.hi) << shift, w = vmask_bits(x < iv.lo) << shift;
+          if (j == 0) up = u, down = w; else up |= u, down |= w;
+          if (d % 16 + kFloatLanes < 16 && d + kFloatLanes >= Dv) {  // a partial block ends the vectors
+            bits[2 * (d / 16)] = static_cast<uint16_t>(up);
+            bits[2 * (d / 16) + 1] = static_cast<uint16_t>(down);
+          }
         }
-      }
+      }, [&](int64_t d16) __attribute__((always_inline)) {
+        if (bits) {
+          bits[2 * (d16 / 16)] = static_cast<uint16_t>(up);
+          bits[2 * (d16 / 16) + 1] = static_cast<uint16_t>(down);
+        }
+      });
       sum = vmask_bits(nan) ? std::numeric_limits<float>::quiet_NaN() : sum + vsum<float>(vs);
-      count += vsum<float>(vc);
+      count += vsum<float>(__builtin_convertvector(vc, VF));
     }
     for (int64_t d = Dv; d < D; ++d) {
       const A x = load_as<A>(hr[d]);
@@ -319,13 +352,11 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
     const int8_t* __restrict lr = d0 < D ? row_labels(labels, label_row, r, D, scratch.data()) : nullptr;
     if constexpr (kVectorTm<T>) {
       const VF zero{}, plus = vsplat(static_cast<float>(scale)), minus = -plus;
-      const Lab* lab_next = labels + (r + 1) * label_row;
-      for (int64_t d = d0; d < Dv; d += kFloatLanes) {
-        if (d % 64 == 0) prefetch_next_row(hr + d, lab_next + label_offset<Lab>(d), D);
+      tm_row_vectors(hr, labels + (r + 1) * label_row, d0, Dv, D, [&](int64_t d, int) __attribute__((always_inline)) {
         const TmInterval iv(lr + d, p + d, n + d);
         const VF x = vload_f(hr + d);
         vstore(g + d, (x > iv.hi ? plus : zero) + (x < iv.lo ? minus : zero));
-      }
+      }, [](int64_t) {});
     }
     for (int64_t d = Dv; d < D; ++d) g[d] = scale * tm_slope(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]);
     if (std::is_same_v<T, float> && d0 > 0) {
