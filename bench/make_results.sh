@@ -5,7 +5,7 @@
 # `noisy` flags and the before/after ceilings in the .md files, and rerun a file that has them.
 #
 #   bash bench/make_results.sh            # everything
-#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability
+#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability large
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 R=bench/results
@@ -51,4 +51,11 @@ if [[ $what == all || $what == capability ]]; then
     run --op $op --impl retain,retain-packed,compile --cpu-capability all \
       --json $R/${op}_cpu_capabilities.json --markdown $R/${op}_cpu_capabilities.md
   done
+fi
+
+# The bandwidth-bound ops past the last-level cache (--size large, 1 GiB+ each), every build.
+if [[ $what == all || $what == large ]]; then
+  run --op tm_loss --op kl_imitation --op feature_imitation --op linear_recurrence --size large \
+    --impl retain,retain-packed --cpu-capability all --reps 10 \
+    --json $R/bandwidth_ops_cpu_capabilities_large.json --markdown $R/bandwidth_ops_cpu_capabilities_large.md
 fi

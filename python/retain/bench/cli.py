@@ -114,7 +114,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.cold_heap:
         heap = "cold (glibc defaults: large outputs are fresh mmaps, page faults included)"
     elif warm_heap():
-        heap = "warm (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1: freed memory is reused)"
+        heap = "warm (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1: freed memory is reused, never trimmed)"
     else:
         heap = "default allocator (mallopt unavailable)"
     log(f"retain bench: heap {heap.split(' ')[0]}, measuring ceilings on {args.device}...")

@@ -37,7 +37,9 @@ def warm_heap() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    # -1: no trimming at all (mallopt(3)); 2^31-1 still trimmed once over 2 GiB were free at the
+    # top, which --size large reaches (every call of kl_imitation's fwd+bwd then paid page faults)
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 def machine_facts(device: str) -> dict[str, Any]:

@@ -57,6 +57,7 @@ register(Case(
     sizes={
         "default": {"B": 8, "L": 512, "D": 4096, "dtype": "float32"},
         "small": {"B": 2, "L": 16, "D": 64, "dtype": "float32"},
+        "large": {"B": 8, "L": 8192, "D": 4096, "dtype": "float32"},  # h 1 GiB
     },
     make_inputs=_tm_inputs,
     describe=lambda p: f"B={p['B']} L={p['L']} D={p['D']} {p['dtype']}, int8 labels, 'violations'",
@@ -100,6 +101,7 @@ register(Case(
     sizes={
         "default": {"N": 4096, "V": 32000, "dtype": "float32"},
         "small": {"N": 16, "V": 128, "dtype": "float32"},
+        "large": {"N": 8192, "V": 32000, "dtype": "float32"},  # 1 GiB each of logits and reference
     },
     make_inputs=_kl_inputs,
     describe=lambda p: f"N={p['N']} tokens V={p['V']} {p['dtype']}, T=2, 'mean'",
@@ -140,6 +142,7 @@ register(Case(
     sizes={
         "default": {"B": 8, "L": 512, "D": 4096, "p": 2, "dtype": "float32"},
         "small": {"B": 2, "L": 16, "D": 64, "p": 2, "dtype": "float32"},
+        "large": {"B": 8, "L": 8192, "D": 4096, "p": 2, "dtype": "float32"},  # 1 GiB each
     },
     make_inputs=_fi_inputs,
     describe=lambda p: f"B={p['B']} L={p['L']} D={p['D']} p={p['p']} {p['dtype']}, 90% of tokens masked in, 'mean'",

@@ -43,7 +43,7 @@ class Impl:
 class Case:
     """One op to benchmark.
 
-    ``sizes`` maps a size name (``small``, ``default``) to parameters; ``make_inputs(params,
+    ``sizes`` maps a size name (``small``, ``default``, ``large``) to parameters; ``make_inputs(params,
     device)`` builds the input tensors; ``bytes_model[direction](params)`` and
     ``flops_model[direction](params)`` give the minimal traffic and arithmetic of one call.
     ``impls`` are run in order; ``reference`` is the one every other is checked against and
@@ -66,7 +66,10 @@ class Case:
     atol: float = 1e-3
 
 
-SIZES = ("small", "default")  # every case has both (``retain bench --size``)
+# every case has each (``retain bench --size``): small, a smoke run in seconds; default, the shapes
+# of the committed tables; large, a working set of 1 GiB or more, past the last-level cache of
+# any current CPU (servers have up to ~500 MiB of L3), where bandwidth-bound kernels meet DRAM
+SIZES = ("small", "default", "large")
 REGISTRY: dict[str, Case] = {}
 
 

@@ -222,6 +222,7 @@ register(Case(
     sizes={
         "default": {"B": 8, "T": 4096, "D": 512, "dtype": "float32", "compile_chunk": 32},
         "small": {"B": 2, "T": 256, "D": 64, "dtype": "float32", "compile_chunk": 8},
+        "large": {"B": 8, "T": 65536, "D": 512, "dtype": "float32", "compile_chunk": 32},  # 1 GiB each
     },
     make_inputs=_lr_inputs,
     describe=lambda p: f"B={p['B']} T={p['T']} D={p['D']} {p['dtype']}",
@@ -263,6 +264,8 @@ _DR = Call(("q", "k", "v", "beta"), grad_out="grad_o", bind=_output)
 _MEMORY_SCAN_SIZES = {
     "default": {"B": 2, "T": 2048, "H": 4, "K": 64, "V": 64, "dtype": "float32"},
     "small": {"B": 1, "T": 64, "H": 2, "K": 16, "V": 16, "dtype": "float32"},
+    # compute-bound whatever the size (the state stays in cache): 256 MiB each of q, k, v
+    "large": {"B": 8, "T": 32768, "H": 4, "K": 64, "V": 64, "dtype": "float32"},
 }
 # multiply-adds of K x V per token and head: 3 forward (error, update, readout), 11 fwd+bwd
 _MEMORY_SCAN_FLOPS = cost_model(lambda p: p["K"] * p["V"] * p["B"] * p["T"] * p["H"], fwd=6, fwdbwd=22)
