@@ -60,6 +60,19 @@ template <typename A>
 RETAIN_FORCE_INLINE void vstore(A* p, typename Vec<A>::type v) {
   *reinterpret_cast<typename Vec<A>::unaligned*>(p) = v;
 }
+// A non-temporal store of a float vector to p, aligned to the vector's size: for outputs far
+// larger than the caches (no read-for-ownership). A kernel that streamed ends with stream_fence().
+RETAIN_FORCE_INLINE void vstream(float* p, Vec<float>::type v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+  _mm256_stream_ps(p, (__m256)v);
+#elif defined(__SSE2__)
+  _mm_stream_ps(p, (__m128)v);
+#else
+  vstore(p, v);
+#endif
+}
 template <typename A>
 RETAIN_FORCE_INLINE typename Vec<A>::type vsplat(A x) {
   return typename Vec<A>::type{} + x;
@@ -171,14 +184,18 @@ RETAIN_FORCE_INLINE void vstore_f(f16_t* p, VF v) {
 // agree to the bit), 2^n through the exponent bits; inputs clamped to [-87, 88].
 // NonPositive: x - max or a log-probability (<= 0 up to rounding, far below 88), so the upper
 // clamp goes.
-template <bool NonPositive = false>
-RETAIN_FORCE_INLINE VF vexp(VF x) {
-  x = vmax(vsplat(-87.0f), x);  // a NaN x stays NaN (x < -87 ? -87 : x)
-  if constexpr (!NonPositive) x = vmin(vsplat(88.0f), x);
+// vexp_in_range: for x already in [-87, 88] (or NaN), the same values without the clamps.
+RETAIN_FORCE_INLINE VF vexp_in_range(VF x) {
   VF biased;
   const VF p = exp_poly(x, biased);
   const u32xF e = (u32xF)biased << 23;  // 2^n (common/exp_poly.h)
   return p * (VF)e;
+}
+template <bool NonPositive = false>
+RETAIN_FORCE_INLINE VF vexp(VF x) {
+  x = vmax(vsplat(-87.0f), x);  // a NaN x stays NaN (x < -87 ? -87 : x)
+  if constexpr (!NonPositive) x = vmin(vsplat(88.0f), x);
+  return vexp_in_range(x);
 }
 
 }  // inline namespace RETAIN_CPU_NAMESPACE

@@ -47,6 +47,19 @@ struct UnpackTable {
 };
 constexpr UnpackTable kUnpack{};
 
+// Slope bits back to lanes: row b holds bit l of b as the float 0 or 1 in lane l, so 8 (AVX2) or 4
+// (SSE) bits become a vector with one load, and the gradient is scale * (up - down): five
+// instructions where the mask expansion (vbits_mask) took about fifteen. Compile-time, like
+// kUnpack.
+struct LaneBits {
+  float lane[256][8] = {};
+  constexpr LaneBits() {
+    for (int b = 0; b < 256; ++b)
+      for (int l = 0; l < 8; ++l) lane[b][l] = static_cast<float>((b >> l) & 1);
+  }
+};
+constexpr LaneBits kLaneBits{};
+
 // Row r's labels as int8: the row itself, or the packed row decoded into `scratch` (>= D + 3 bytes).
 RETAIN_FORCE_INLINE const int8_t* row_labels(const int8_t* labels, int64_t label_row, int64_t r, int64_t, int8_t*) {
   return labels + r * label_row;
@@ -376,31 +389,34 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
   const int64_t W = tm_slope_words(D);
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* __restrict bits = slope_bits + r * W;
-    float* __restrict g = row.data();
-    int64_t done = 0;  // elements done by the AVX-512 loop (float: written to the output itself)
+    // float gradients are written straight to the output (streamed when `stream`: rows are then
+    // 64-byte aligned and a multiple of 16 elements); 16-bit ones through the row buffer and
+    // store_row's rounding conversion
+    constexpr bool kDirect = std::is_same_v<T, float>;
+    float* __restrict g = kDirect ? reinterpret_cast<float*>(grad + r * D) : row.data();
+    int64_t done = 0;  // elements done by the AVX-512 loop
 #ifdef RETAIN_TM_AVX512
-    if constexpr (std::is_same_v<T, float>) {
-      done = tm_bits_row_avx512(bits, D, scale, grad + r * D, stream);
-    } else {
-      done = tm_bits_row_avx512(bits, D, scale, g, false);
-    }
+    done = tm_bits_row_avx512(bits, D, scale, g, kDirect && stream);
 #endif
     const VF plus = vsplat(scale), minus = -plus, zero{};
     int64_t d = done;
     for (; d + kFloatLanes <= D; d += kFloatLanes) {  // lanes never straddle a 16-element block
       const uint32_t p = bits[2 * (d / 16)] >> (d % 16), n = bits[2 * (d / 16) + 1] >> (d % 16);
-      vstore(g + d, (vbits_mask(p) ? plus : zero) + (vbits_mask(n) ? minus : zero));
+      VF out;
+      if constexpr (kFloatLanes <= 8) {
+        constexpr uint32_t kLow = (1u << kFloatLanes) - 1;
+        out = (vload(kLaneBits.lane[p & kLow]) - vload(kLaneBits.lane[n & kLow])) * plus;
+      } else {  // 16 lanes: the AVX-512 loop above has done every full vector
+        out = (vbits_mask(p) ? plus : zero) + (vbits_mask(n) ? minus : zero);
+      }
+      if (kDirect && stream) vstream(g + d, out); else vstore(g + d, out);
     }
     for (; d < D; ++d) {
       const int l = static_cast<int>(d % 16);
       g[d] = static_cast<float>((bits[2 * (d / 16)] >> l) & 1) * scale -
              static_cast<float>((bits[2 * (d / 16) + 1] >> l) & 1) * scale;
     }
-    if (std::is_same_v<T, float> && done > 0) {
-      store_row(grad + r * D + done, g + done, D - done, stream);
-    } else {
-      store_row(grad + r * D, g, D, stream);
-    }
+    if constexpr (!kDirect) store_row(grad + r * D, g, D, stream);
   }
   stream_fence(stream);
 }

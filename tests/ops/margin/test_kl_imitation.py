@@ -135,6 +135,23 @@ def test_kl_imitation_minus_inf_reference_logits(dtype):
     assert torch.isfinite(gq2).all() and (gq2[:, ::3] == 0).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_kl_imitation_rows_past_the_exp_range(temperature):
+    # rows whose logits span more than 86 / T take the clamped loop, the others the unclamped one
+    # (kl_row_range): both agree with the reference, row by row, forward and gradient
+    z, q, _ = make_logits((6, 100), dtype=torch.float32, seed=5)
+    z, q = z.detach().clone(), q.detach().clone()
+    z[0, 3] = -90.0  # student row past the range
+    q[2, 7] = -120.0  # reference row past the range
+    z[4, :] = z[4, :] * 40.0  # a wide row of both
+    q[4, :] = q[4, :] * 40.0
+    z.requires_grad_()
+    got = kl_imitation(z, q, temperature=temperature, reduction="none")
+    want = ref.kl_imitation_ref(z, q, temperature=temperature, reduction="none")
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got.sum(), z)[0], torch.autograd.grad(want.sum(), z)[0])
+
+
 def test_kl_imitation_fused_gradient_large_rows():
     # a 16 MiB float32 gradient written in place row by row, masked rows in between, a row count
     # that does not split evenly over threads
