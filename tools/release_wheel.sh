@@ -11,6 +11,7 @@
 # (default wheelhouse).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+command -v objdump >/dev/null || { echo "release_wheel: needs objdump (binutils) for the glibc-floor check" >&2; exit 1; }
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-wheelhouse}
 export RETAIN_CUDA=${RETAIN_CUDA:-ON} RETAIN_CUDA_ARCHS=${RETAIN_CUDA_ARCHS:-80;90}
@@ -37,5 +38,5 @@ user="$work/user-env/bin"
 "$user/python" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}" "$wheel" pytest hypothesis
 (cd "$work" && "$user/retain" info)
 # The module's glibc floor, checked on the installed copy.
-"$user/python" -m pytest -q -p no:cacheprovider tests/test_package.py -k glibc_2_28
+RETAIN_REQUIRE_OBJDUMP=1 "$user/python" -m pytest -q -p no:cacheprovider tests/test_package.py -k glibc_2_28
 echo "release wheel: $wheel ($(du -h "$wheel" | cut -f1))"

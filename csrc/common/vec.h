@@ -102,8 +102,8 @@ RETAIN_FORCE_INLINE VM vbits_mask(uint32_t bits) {
 
 // a > b ? a : b and a < b ? a : b, lane-wise: one instruction on x86 (maxps / minps have exactly
 // these semantics: b where either is NaN). Written as selects, GCC keeps a compare and a blend
-// (vblendvps, 2-3 uops on Intel). vmax(zero, x) is relu that drops NaN; vmax(c, x) is a lower
-// clamp that keeps it.
+// (vblendvps, 2-3 uops on Intel). vmax(x, zero) is a relu that drops a NaN x; vmax(c, x) is a
+// lower clamp that keeps it.
 RETAIN_FORCE_INLINE VF vmax(VF a, VF b) {
 #if defined(__AVX512F__)
   // zero-masked forms: the plain ones start from _mm512_undefined_ps (GCC 12: maybe-uninitialised)

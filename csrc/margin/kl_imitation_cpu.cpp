@@ -152,9 +152,11 @@ RETAIN_FORCE_INLINE void kl_fwd_rows(const T* __restrict z, const T* __restrict 
     const A m = range.m, mr = range.mr;
     const T* nz = r + 1 < r1 ? zr + V : zr;
     const T* nq = r + 1 < r1 ? qr + V : qr;
-    // -86, not -87: the loop's a/T - m rounds apart from (lo - m) by far less than 1; false for an
-    // infinite bound (which takes the clamped, guarded loop)
-    const bool in_range = range.lo - m >= A(-86) && range.lor - mr >= A(-86);
+    // -86, not -87, and |z/T| < 2^20: the loop's a/T - m (one fused rounding) then differs from
+    // lo - m by far less than 1; false for an infinite bound (which takes the clamped, guarded loop)
+    constexpr A kBig = A(1 << 20);
+    const bool in_range = range.lo - m >= A(-86) && range.lor - mr >= A(-86) && range.lo > -kBig &&
+                          range.lor > -kBig && m < kBig && mr < kBig;
     const auto [s, sr, w] = in_range ? kl_row_sums<Grad, true>(zr, qr, nz, nq, V, it, m, mr, ea, eb)
                                      : kl_row_sums<Grad, false>(zr, qr, nz, nq, V, it, m, mr, ea, eb);
     const A l = lse_of(m, s), lr = lse_of(mr, sr);

@@ -41,6 +41,13 @@ RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A tm_slope(A h, int label, A pos, A neg) 
   return label > 0 ? s_pos : (label < 0 ? s_neg : s_zero);
 }
 
+// scale * slope for a slope in {-1, 0, 1}, 0 where the slope is 0 even for a non-finite scale
+// (as autograd's relu backward gives, and as the vector paths' selects do).
+template <typename A>
+RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A scaled_slope(A scale, A slope) {
+  return slope > A(0) ? scale : (slope < A(0) ? -scale : A(0));
+}
+
 // Launchers. h [B, L, D] contiguous; labels one row of `label_row` elements (int8: D, packed
 // uint8: ceil(D/4)) per (b, l); thresholds [D] or [B, D] in the accumulation type; mask [B, L]
 // (uint8 0/1) or null.

@@ -47,18 +47,19 @@ struct UnpackTable {
 };
 constexpr UnpackTable kUnpack{};
 
-// Slope bits back to lanes: row b holds bit l of b as the float 0 or 1 in lane l, so 8 (AVX2) or 4
-// (SSE) bits become a vector with one load, and the gradient is scale * (up - down): five
-// instructions where the mask expansion (vbits_mask) took about fifteen. Compile-time, like
-// kUnpack.
-struct LaneBits {
-  float lane[256][8] = {};
-  constexpr LaneBits() {
+// Slope bits back to lanes: row b holds bit l of b as an all-ones / zero mask in lane l, so 8
+// (AVX2) or 4 (SSE) bits become a lane mask with one load, and the gradient is (up & scale) +
+// (down & -scale): five instructions where the mask expansion (vbits_mask) took about fifteen,
+// and 0 where the slope is 0 even for a non-finite scale, as in every other path. Compile-time,
+// like kUnpack.
+struct LaneMasks {
+  int32_t lane[256][8] = {};
+  constexpr LaneMasks() {
     for (int b = 0; b < 256; ++b)
-      for (int l = 0; l < 8; ++l) lane[b][l] = static_cast<float>((b >> l) & 1);
+      for (int l = 0; l < 8; ++l) lane[b][l] = ((b >> l) & 1) ? -1 : 0;
   }
 };
-constexpr LaneBits kLaneBits{};
+constexpr LaneMasks kLaneMasks{};
 
 // Row r's labels as int8: the row itself, or the packed row decoded into `scratch` (>= D + 3 bytes).
 RETAIN_FORCE_INLINE const int8_t* row_labels(const int8_t* labels, int64_t label_row, int64_t r, int64_t, int8_t*) {
@@ -102,11 +103,12 @@ struct TmInterval {
     const VM l = vload_i(lab);  // integer labels: no conversion to floats
     const VF P = vload(p), N = vload(n);
 #if defined(__AVX2__) && !defined(__AVX512F__)
-    // blendv reads sign bits only: l's is set for label -1, (l << 31)'s for +1 and -1, so the
-    // label needs no compare (two uops fewer per vector; the loop is uop-bound with AVX2)
-    const __m256 neg = (__m256)l, nonzero = (__m256)(l << 31);
-    lo = (VF)_mm256_blendv_ps((__m256)N, _mm256_blendv_ps((__m256)P, _mm256_set1_ps(-INFINITY), neg), nonzero);
-    hi = (VF)_mm256_blendv_ps((__m256)P, _mm256_blendv_ps(_mm256_set1_ps(INFINITY), (__m256)N, neg), nonzero);
+    // blendv reads sign bits only: l's own is set exactly for l < 0, so one compare (l > 0) is
+    // all the label needs (two uops fewer per vector; the loop is uop-bound with AVX2). Same
+    // sign semantics as every other build for any int8 label.
+    const __m256 neg = (__m256)l, pos = (__m256)(l > 0);
+    lo = (VF)_mm256_blendv_ps(_mm256_blendv_ps((__m256)N, (__m256)P, pos), _mm256_set1_ps(-INFINITY), neg);
+    hi = (VF)_mm256_blendv_ps(_mm256_blendv_ps((__m256)P, (__m256)N, neg), _mm256_set1_ps(INFINITY), pos);
 #else
     const VM pos = l > 0, neg = l < 0;
     lo = pos ? P : (neg ? vsplat(-INFINITY) : N);
@@ -371,7 +373,7 @@ RETAIN_FORCE_INLINE void bwd_rows(const T* __restrict h, const Lab* __restrict l
         vstore(g + d, (x > iv.hi ? plus : zero) + (x < iv.lo ? minus : zero));
       }, [](int64_t) {});
     }
-    for (int64_t d = Dv; d < D; ++d) g[d] = scale * tm_slope(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]);
+    for (int64_t d = Dv; d < D; ++d) g[d] = scaled_slope(scale, tm_slope(load_as<A>(hr[d]), label_at(lr, d), p[d], n[d]));
     if (std::is_same_v<T, float> && d0 > 0) {
       store_row(grad + r * D + d0, g + d0, D - d0, stream);  // the AVX-512 loop wrote [0, d0) itself
     } else {
@@ -405,7 +407,10 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
       VF out;
       if constexpr (kFloatLanes <= 8) {
         constexpr uint32_t kLow = (1u << kFloatLanes) - 1;
-        out = (vload(kLaneBits.lane[p & kLow]) - vload(kLaneBits.lane[n & kLow])) * plus;
+        VM up, down;
+        std::memcpy(&up, kLaneMasks.lane[p & kLow], sizeof up);
+        std::memcpy(&down, kLaneMasks.lane[n & kLow], sizeof down);
+        out = (VF)(up & (VM)plus) + (VF)(down & (VM)minus);
       } else {  // 16 lanes: the AVX-512 loop above has done every full vector
         out = (vbits_mask(p) ? plus : zero) + (vbits_mask(n) ? minus : zero);
       }
@@ -413,8 +418,9 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
     }
     for (; d < D; ++d) {
       const int l = static_cast<int>(d % 16);
-      g[d] = static_cast<float>((bits[2 * (d / 16)] >> l) & 1) * scale -
-             static_cast<float>((bits[2 * (d / 16) + 1] >> l) & 1) * scale;
+      const float slope = static_cast<float>((bits[2 * (d / 16)] >> l) & 1) -
+                          static_cast<float>((bits[2 * (d / 16) + 1] >> l) & 1);
+      g[d] = scaled_slope(scale, slope);
     }
     if constexpr (!kDirect) store_row(grad + r * D, g, D, stream);
   }
@@ -438,7 +444,8 @@ void tm_loss_bwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* 
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D, double scale,
                      T* grad_h, int nthreads) {
   // stream the gradient when it is far larger than the caches and rows start 64-byte aligned
-  const bool stream = B * L * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0;
+  const bool stream = B * L * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0
+                      && reinterpret_cast<std::uintptr_t>(grad_h) % 64 == 0;  // vector streaming stores need it
   parallel_for(B * L, D * 4, nthreads, [&](int64_t r0, int64_t r1) {
     bwd_rows<T, Lab, A>(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, static_cast<A>(scale), grad_h,
                  stream, r0, r1);
@@ -449,7 +456,8 @@ void tm_loss_bwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* 
 template <CpuCapability C, typename T>
 void tm_loss_bwd_bits_cpu(const uint16_t* slope_bits, int64_t rows, int64_t D, double scale, T* grad_h,
                           int nthreads) {
-  const bool stream = rows * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0;
+  const bool stream = rows * D * int64_t{sizeof(T)} >= (int64_t{16} << 20) && (D * int64_t{sizeof(T)}) % 64 == 0
+                      && reinterpret_cast<std::uintptr_t>(grad_h) % 64 == 0;  // vector streaming stores need it
   parallel_for(rows, D, nthreads, [&](int64_t r0, int64_t r1) {
     bits_rows<T>(slope_bits, D, static_cast<float>(scale), grad_h, stream, r0, r1);
   });

@@ -81,7 +81,7 @@ __global__ void tm_bwd_kernel(const T* __restrict__ h, const Lab* __restrict__ l
       continue;
     }
     const TmRow<T, Lab, A> row(h, labels, label_row, pos, neg, per_sample, r, L, D);
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) store_as(gr[d], sc * row.slope(d));
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) store_as(gr[d], scaled_slope(sc, row.slope(d)));
   }
 }
 

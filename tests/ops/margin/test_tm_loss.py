@@ -132,6 +132,28 @@ def test_tm_loss_streamed_gradient(packed):
     check(h, ref.pack_tm_labels_ref(labels) if packed else labels, pos.detach(), neg.detach(), mask, "violations")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("D", [7, 64, 100])
+def test_tm_loss_infinite_upstream_gradient_keeps_zero_slopes_zero(D, dtype):
+    # a non-finite incoming gradient (fp16 overflow upstream) gives +-inf where the slope is +-1 and
+    # 0 where it is 0, in every build and path (slope-bit lanes are masks, not 0/1 multiplied in)
+    h, labels, pos, neg, mask = make_case(B=2, L=6, D=D, dtype=dtype, seed=12)
+    pos, neg = pos.detach(), neg.detach()
+    (grad,) = torch.autograd.grad(tm_loss(h, labels, pos, neg, mask=mask) * torch.inf, h)
+    (want,) = torch.autograd.grad(ref.tm_loss_ref(h, labels, pos, neg, mask=mask) * torch.inf, h)
+    rows_in = mask[..., None].expand_as(grad)  # the reference multiplies masked rows by 0: inf * 0 there
+    assert torch.equal(grad[rows_in], want[rows_in])  # autograd of the reference agrees (relu's backward selects)
+    want_zero = grad.new_zeros(grad.shape, dtype=torch.bool)
+    if mask is not None:
+        want_zero |= ~mask[..., None].expand_as(grad)
+    lo = torch.where(labels > 0, pos, torch.where(labels < 0, -torch.inf, neg))
+    hi = torch.where(labels < 0, neg, torch.where(labels > 0, torch.inf, pos))
+    inside = (h.detach() >= lo) & (h.detach() <= hi)
+    want_zero |= inside
+    assert (grad[want_zero] == 0).all()
+    assert torch.isinf(grad[~want_zero]).all()
+
+
 @given(B=st.integers(1, 3), L=st.integers(1, 9), D=st.sampled_from([1, 2, 4, 7, 63, 64, 65, 130]),
        per_sample=st.booleans(), masked=st.booleans(), packed=st.booleans(),
        reduction=st.sampled_from(REDUCTIONS), seed=st.integers(0, 2**16))
