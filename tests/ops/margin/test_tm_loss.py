@@ -143,15 +143,8 @@ def test_tm_loss_infinite_upstream_gradient_keeps_zero_slopes_zero(D, dtype):
     (want,) = torch.autograd.grad(ref.tm_loss_ref(h, labels, pos, neg, mask=mask) * torch.inf, h)
     rows_in = mask[..., None].expand_as(grad)  # the reference multiplies masked rows by 0: inf * 0 there
     assert torch.equal(grad[rows_in], want[rows_in])  # autograd of the reference agrees (relu's backward selects)
-    want_zero = grad.new_zeros(grad.shape, dtype=torch.bool)
-    if mask is not None:
-        want_zero |= ~mask[..., None].expand_as(grad)
-    lo = torch.where(labels > 0, pos, torch.where(labels < 0, -torch.inf, neg))
-    hi = torch.where(labels < 0, neg, torch.where(labels > 0, torch.inf, pos))
-    inside = (h.detach() >= lo) & (h.detach() <= hi)
-    want_zero |= inside
-    assert (grad[want_zero] == 0).all()
-    assert torch.isinf(grad[~want_zero]).all()
+    assert (grad[~rows_in] == 0).all()
+    assert (grad[rows_in] == 0).any() and torch.isinf(grad[rows_in]).any()  # both kinds of slope occur
 
 
 @given(B=st.integers(1, 3), L=st.integers(1, 9), D=st.sampled_from([1, 2, 4, 7, 63, 64, 65, 130]),
