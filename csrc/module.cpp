@@ -24,6 +24,7 @@ namespace retain {
 // The families' entries (csrc/<family>/bind.cpp).
 void bind_scan(py::module_& m, bind::KernelTable& kernels);
 void bind_margin(py::module_& m, bind::KernelTable& kernels);
+void bind_fisher(py::module_& m, bind::KernelTable& kernels);
 
 namespace {
 
@@ -89,5 +90,6 @@ PYBIND11_MODULE(_C, m) {
   retain::bind::KernelTable kernels;
   retain::bind_scan(m, kernels);
   retain::bind_margin(m, kernels);
+  retain::bind_fisher(m, kernels);
   m.attr("kernels") = kernels.to_dict();
 }

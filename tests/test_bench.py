@@ -56,7 +56,8 @@ def test_every_registered_case_runs_at_its_small_size(op):
     assert {"retain", "eager"} <= set(impls)
     params = dict(case.sizes["small"], compile_backend="aot_eager")
     recs = harness.run_case(case, params, "cpu", impls=impls, reps=1, min_reps=1, budget_s=0)
-    assert {(r["impl"], r["direction"]) for r in recs} == {(i, d) for i in impls for d in registry.DIRECTIONS}
+    directions = [d for d in registry.DIRECTIONS if d in case.bytes_model or d in case.flops_model]
+    assert {(r["impl"], r["direction"]) for r in recs} == {(i, d) for i in impls for d in directions}
     bad = [(r["impl"], r["direction"], r["status"]) for r in recs if r["status"] != "ok" or r.get("unchecked")]
     assert not bad, bad
     for r in recs:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 import retain
+from retain.ops.fisher import reference as fisher_ref
 from retain.ops.margin import reference as margin_ref
 from retain.ops.scan import reference as scan_ref
 
@@ -51,7 +52,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _randn(g, *shape):
-    return torch.randn(*shape, generator=g, dtype=F64)
+    return torch.randn(shape, generator=g, dtype=F64)
 
 
 def _scan_inputs(seed: int, B=1, T=6, H=2, K=4, V=3) -> dict[str, Any]:
@@ -63,6 +64,11 @@ def _scan_inputs(seed: int, B=1, T=6, H=2, K=4, V=3) -> dict[str, Any]:
 
 def _pick(d: dict, *names: str) -> dict:
     return {n: d[n] for n in names}
+
+
+def _as(d: dict, **names: str) -> dict:
+    """``d``'s entries under the op's argument names: new name = old name."""
+    return {new: d[old] for new, old in names.items()}
 
 
 def _linear_recurrence_inputs(seed: int) -> dict[str, Any]:
@@ -109,6 +115,35 @@ def _packed_inputs(seed: int) -> dict[str, Any]:
     return dict(packed=retain.ops.pack_tm_labels(d["ref"], d["pos"], d["neg"]), D=9)
 
 
+# parameter lists of the fisher family: a matrix, a vector, a scalar and an empty tensor
+_SHAPES = ((3, 5), (7,), (), (0, 2))
+
+
+def _fisher_inputs(seed: int, samples: int = 2) -> dict[str, Any]:
+    g = _gen(seed)
+    params = [_randn(g, *s) for s in _SHAPES]
+    return dict(params=params, anchors=[p + _randn(g, *p.shape) / 3 for p in params],
+                diag=[_randn(g, *p.shape).abs() for p in params], mu=[_randn(g, *p.shape) for p in params],
+                grads=[_randn(g, samples, *p.shape) for p in params], step=[_randn(g, *p.shape) for p in params])
+
+
+def _clones(ts):
+    """Copies of the state an in-place op updates (the inputs stay the reference's); anything else
+    as it is, so bad arguments reach the op."""
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in ts] if isinstance(ts, list) else ts
+
+
+def _ewc_grad_call(params, anchors, diag, mu):
+    grads = [torch.zeros_like(p) for p in params] if all(isinstance(p, torch.Tensor) for p in params) else None
+    value = ops.ewc_penalty_grad_(params, anchors, diag=diag, mu=mu, c=0.7, lam=1.3, grads=grads)
+    return value, grads
+
+
+def _ewc_grad_ref(params, anchors, diag, mu):
+    kw = dict(diag=diag, mu=mu, c=0.7, lam=1.3)
+    return fisher_ref.ewc_penalty_ref(params, anchors, **kw), fisher_ref.ewc_penalty_grads_ref(params, anchors, **kw)
+
+
 ops = retain.ops
 CASES: list[OpCase] = [
     OpCase("linear_recurrence", _linear_recurrence_inputs,
@@ -153,6 +188,40 @@ CASES: list[OpCase] = [
            lambda h, h_ref, mask: ops.feature_imitation(h, h_ref, mask=mask),
            lambda h, h_ref, mask: margin_ref.feature_imitation_ref(h, h_ref, mask=mask),
            grads=("h", "h_ref"), nan_input="h"),
+    OpCase("fisher_accumulate_", lambda s: _as(_fisher_inputs(s), fisher="diag", grads="grads"),
+           lambda fisher, grads: ops.fisher_accumulate_(_clones(fisher), grads, decay=0.9, scale=0.5),
+           lambda fisher, grads: fisher_ref.fisher_accumulate_ref(fisher, grads, decay=0.9, scale=0.5),
+           nan_input="grads"),
+    OpCase("mas_accumulate_", lambda s: _as(_fisher_inputs(s), importance="diag", grads="grads"),
+           lambda importance, grads: ops.mas_accumulate_(_clones(importance), grads, decay=0.5, scale=2.0),
+           lambda importance, grads: fisher_ref.mas_accumulate_ref(importance, grads, decay=0.5, scale=2.0),
+           nan_input="grads"),
+    OpCase("rank1_accumulate_", lambda s: _as(_fisher_inputs(s), mu_sum="mu", sq_sum="diag", grads="grads"),
+           lambda mu_sum, sq_sum, grads: ops.rank1_accumulate_(_clones(mu_sum), _clones(sq_sum), grads),
+           fisher_ref.rank1_accumulate_ref, nan_input="grads"),
+    OpCase("rank1_coefficient", lambda s: _pick(_fisher_inputs(s, samples=3), "mu", "grads"),
+           lambda mu, grads: ops.rank1_coefficient(mu, grads), fisher_ref.rank1_coefficient_ref, nan_input="grads"),
+    OpCase("ewc_penalty", lambda s: _pick(_fisher_inputs(s), "params", "anchors", "diag", "mu"),
+           lambda params, anchors, diag, mu: ops.ewc_penalty(params, anchors, diag=diag, mu=mu, c=0.7, lam=1.3),
+           lambda params, anchors, diag, mu: fisher_ref.ewc_penalty_ref(params, anchors, diag=diag, mu=mu, c=0.7,
+                                                                        lam=1.3),
+           grads=("params", "anchors"), nan_input="params"),
+    OpCase("ewc_penalty_grad_", lambda s: _pick(_fisher_inputs(s), "params", "anchors", "diag", "mu"),
+           _ewc_grad_call, _ewc_grad_ref, nan_input="params"),
+    OpCase("si_accumulate_", lambda s: _as(_fisher_inputs(s), omega="diag", grads="mu", params_before="params",
+                                           step="step"),
+           lambda omega, grads, params_before, step: ops.si_accumulate_(
+               _clones(omega), grads, params_before, [p + d for p, d in zip(params_before, step)]),
+           lambda omega, grads, params_before, step: fisher_ref.si_accumulate_ref(
+               omega, grads, params_before, [p + d for p, d in zip(params_before, step)]),
+           nan_input="grads"),
+    OpCase("si_consolidate_", lambda s: _as(_fisher_inputs(s), importance="diag", omega="mu", params="params",
+                                            anchors="anchors"),
+           lambda importance, omega, params, anchors: (lambda w: (ops.si_consolidate_(
+               _clones(importance), w, params, anchors, xi=0.1), w))(_clones(omega)),
+           lambda importance, omega, params, anchors: (fisher_ref.si_consolidate_ref(
+               importance, omega, params, anchors, xi=0.1), [torch.zeros_like(w) for w in omega]),
+           nan_input="params"),
     OpCase("pack_tm_labels", _label_inputs, lambda ref, pos, neg: ops.pack_tm_labels(ref, pos, neg),
            lambda ref, pos, neg: margin_ref.pack_tm_labels_ref(margin_ref.tm_labels_ref(ref, pos, neg)),
            native=False),

@@ -24,24 +24,33 @@ NATIVE = [c for c in CASES if c.native]
 DIFFERENTIABLE = [c for c in CASES if c.grads]
 
 
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
 def inputs(case, seed=0, requires_grad=True):
     d = case.make(seed)
     if requires_grad:
-        for name in case.grads:
-            d[name] = d[name].detach().clone().requires_grad_()
+        for name in case.grads:  # a tensor or a list of tensors (the multi-tensor ops)
+            d[name] = [_leaf(t) for t in d[name]] if isinstance(d[name], list) else _leaf(d[name])
     return d
+
+
+def leaves(case, d):
+    """The tensors that get gradients, lists flattened."""
+    return [t for n in case.grads for t in (d[n] if isinstance(d[n], list) else [d[n]])]
 
 
 def run(case, fn, d, seed=1):
     """Outputs and the gradients of a random linear function of them (one per case and seed)."""
     outs = [t for t in tensors_of(fn(**d)) if t.is_floating_point() or not case.grads]
-    leaves = [d[n] for n in case.grads]
-    if not leaves:
+    wrt = leaves(case, d)
+    if not wrt:
         return outs, []
     g = torch.Generator().manual_seed(seed)
     float_outs = [o for o in outs if o.is_floating_point() and o.requires_grad]
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in float_outs)
-    return outs, list(torch.autograd.grad(loss, leaves))
+    return outs, list(torch.autograd.grad(loss, wrt))
 
 
 def assert_same_results(got, want):
@@ -79,8 +88,12 @@ def test_every_output_element_is_written(case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.nan_input], ids=lambda c: c.name)
 def test_nan_in_gives_nan_out(case):
     d = inputs(case, requires_grad=False)
-    d[case.nan_input] = d[case.nan_input].clone()
-    d[case.nan_input].view(-1)[0] = float("nan")  # the first token: never masked in the registry
+    if isinstance(d[case.nan_input], list):  # a multi-tensor op: the first element of its first tensor
+        d[case.nan_input] = [t.clone() for t in d[case.nan_input]]
+        d[case.nan_input][0].view(-1)[0] = float("nan")
+    else:
+        d[case.nan_input] = d[case.nan_input].clone()
+        d[case.nan_input].view(-1)[0] = float("nan")  # the first token: never masked in the registry
     outs = [t for t in tensors_of(case.call(**d)) if t.is_floating_point()]
     assert any(torch.isnan(t).any() for t in outs)
 
@@ -99,14 +112,16 @@ class _CustomOpCalls(TorchDispatchMode):
 
 
 def _for_opcheck(func, args, kwargs):
-    """The recorded arguments, copied; floating tensors require grad for forward ops, so opcheck
-    also checks their autograd registration."""
-    grad = "backward" not in func.__name__
+    """The recorded arguments, copied (lists of tensors too); floating tensors require grad for
+    forward ops that mutate nothing, so opcheck also checks their autograd registration."""
+    grad = "backward" not in func.__name__ and not func._schema.is_mutable
 
     def copy(x):
         if isinstance(x, torch.Tensor):
             x = x.detach().clone()
             return x.requires_grad_() if grad and x.is_floating_point() else x
+        if isinstance(x, list):
+            return [copy(t) for t in x]
         return x
 
     return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
@@ -179,14 +194,15 @@ def test_results_do_not_depend_on_the_thread_count(case):
 def test_double_backward_is_refused_by_name(case):
     d = inputs(case)
     outs = [t for t in tensors_of(case.call(**d)) if t.is_floating_point() and t.requires_grad]
-    leaves = [d[n] for n in case.grads]
-    first = torch.autograd.grad(sum(o.sum() for o in outs), leaves, create_graph=True, allow_unused=True)
+    wrt = leaves(case, d)
+    names = [n for n in case.grads for _ in (d[n] if isinstance(d[n], list) else [d[n]])]
+    first = torch.autograd.grad(sum(o.sum() for o in outs), wrt, create_graph=True, allow_unused=True)
     # every first-order gradient is part of a graph (none is silently a constant), except those
     # the case declares piecewise constant; backward through the graph is refused by name
-    graphed = [g for n, g in zip(case.grads, first) if n not in case.constant_grads]
+    graphed = [g for n, g in zip(names, first) if n not in case.constant_grads]
     assert graphed and all(g is not None and g.requires_grad for g in graphed), case.name
     with pytest.raises(RuntimeError, match=r"retain[.:]+\w+backward\w*.*no autograd formula"):
-        torch.autograd.grad(sum(g.square().sum() for g in graphed), leaves, allow_unused=True)
+        torch.autograd.grad(sum(g.square().sum() for g in graphed), wrt, allow_unused=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -29,6 +29,7 @@ from retain.bench.report import SCHEMA, add_ceiling_fractions, write_report
 # each mirroring python/retain/ops/<family>/. A new family is one more line.
 FAMILIES = (
     "margin",
+    "fisher",
     "scan",
 )
 for _family in FAMILIES:

@@ -3,6 +3,16 @@ registrations, so it runs in eager mode, under ``torch.compile(fullgraph=True)``
 ``torch.export``. Every op has a pure-PyTorch reference in ``retain.ops.<family>.reference``.
 """
 
+from retain.ops.fisher import (
+    ewc_penalty,
+    ewc_penalty_grad_,
+    fisher_accumulate_,
+    mas_accumulate_,
+    rank1_accumulate_,
+    rank1_coefficient,
+    si_accumulate_,
+    si_consolidate_,
+)
 from retain.ops.margin import (
     ActivationStats,
     activation_stats,
@@ -17,4 +27,6 @@ from retain.ops.scan import delta_rule, gated_delta_rule, linear_attn, linear_re
 
 __all__ = [
     "ActivationStats", "activation_stats", "feature_imitation", "kl_imitation", "pack_tm_labels", "tm_loss", "tm_thresholds", "unpack_tm_labels",
-    "delta_rule", "gated_delta_rule", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]
+    "delta_rule", "gated_delta_rule",
+    "ewc_penalty", "ewc_penalty_grad_", "fisher_accumulate_", "mas_accumulate_", "rank1_accumulate_", "rank1_coefficient",
+    "si_accumulate_", "si_consolidate_", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]
