@@ -5,7 +5,7 @@
 # `noisy` flags and the before/after ceilings in the .md files, and rerun a file that has them.
 #
 #   bash bench/make_results.sh            # everything
-#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability large
+#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability large fisher
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 R=bench/results
@@ -58,4 +58,11 @@ if [[ $what == all || $what == large ]]; then
   run --op tm_loss --op kl_imitation --op feature_imitation --op linear_recurrence --size large \
     --impl retain,retain-packed --cpu-capability all --reps 10 \
     --json $R/bandwidth_ops_cpu_capabilities_large.json --markdown $R/bandwidth_ops_cpu_capabilities_large.md
+fi
+
+# The fisher family's multi-tensor ops on a model-sized parameter list (49.3M float32 in 200
+# tensors), every build against the per-parameter loop, torch._foreach and torch.compile.
+if [[ $what == all || $what == fisher ]]; then
+  run --op fisher_accumulate_ --op ewc_penalty --op ewc_penalty_grad_ --cpu-capability all \
+    --json $R/fisher_cpu.json --markdown $R/fisher_cpu.md
 fi
