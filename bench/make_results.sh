@@ -66,3 +66,9 @@ if [[ $what == all || $what == fisher ]]; then
   run --op fisher_accumulate_ --op ewc_penalty --op ewc_penalty_grad_ --cpu-capability all \
     --json $R/fisher_cpu.json --markdown $R/fisher_cpu.md
 fi
+if [[ $what == all || $what == fisher ]]; then
+  rm -f $R/ewc_consolidation_cpu.md
+  for model in mlp cnn; do
+    python bench/fisher/consolidation.py --model $model --samples 512 --out $R/ewc_consolidation_cpu.md
+  done
+fi

@@ -64,12 +64,39 @@ def check_against_loop(ewc, G):
         assert c == pytest.approx(float((G @ mu).square().mean() / mu.norm() ** 4), rel=1e-5)
 
 
+class _Normed(torch.nn.Module):
+    """A model with a parameter outside any nn.Linear (the layer norm's): per-sample gradients by vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_model()
+        self.norm = torch.nn.LayerNorm(3)
+
+    def forward(self, x):
+        return self.norm(self.body(x))
+
+
+@pytest.mark.parametrize("per_sample", ["auto", "vmap"])
 @pytest.mark.parametrize("mode", ["diag", "rank1", "both"])
-def test_per_sample_fisher_equals_a_loop_over_single_samples(mode):
+def test_per_sample_fisher_equals_a_loop_over_single_samples(mode, per_sample):
+    # tiny_model is an MLP: 'auto' takes the sums from the layers' inputs and output gradients
     model, data = tiny_model(), batches()
-    ewc = retain.cl.EWC(model, mode=mode, chunk_size=3)  # chunks cut across the batches of 4
+    ewc = retain.cl.EWC(model, mode=mode, chunk_size=3, per_sample=per_sample)  # chunks cut across the batches
     ewc.consolidate(data, F.cross_entropy)
     assert ewc.anchors[0].samples == 11
+    check_against_loop(ewc, loop_grads(model, data))
+
+
+def test_a_model_beyond_linear_layers_uses_vmap(monkeypatch):
+    from retain.cl import _per_sample
+
+    calls = []
+    orig = _per_sample.per_sample_grads
+    monkeypatch.setattr(_per_sample, "per_sample_grads", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    model, data = _Normed(), batches()
+    ewc = retain.cl.EWC(model, mode="both")
+    ewc.consolidate(data, F.cross_entropy)
+    assert len(calls) == len(data)
     check_against_loop(ewc, loop_grads(model, data))
 
 

@@ -1,8 +1,11 @@
 """Continual-learning strategies composed from ``retain.ops``: GeRe margin replay and the batch
-sampler that mixes replay samples into every global batch; EWC (diagonal, rank-1, online)."""
+sampler that mixes replay samples into every global batch; EWC (diagonal, rank-1, online), SI
+and MAS."""
 
 from retain.cl.ewc import EWC
 from retain.cl.gere import GeRe, forward_with_hidden, gere_total_loss
+from retain.cl.mas import MAS
+from retain.cl.si import SI
 from retain.cl.sampler import ReplayMixSampler
 
-__all__ = ["EWC", "GeRe", "ReplayMixSampler", "forward_with_hidden", "gere_total_loss"]
+__all__ = ["EWC", "GeRe", "MAS", "SI", "ReplayMixSampler", "forward_with_hidden", "gere_total_loss"]

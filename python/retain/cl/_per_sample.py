@@ -79,6 +79,84 @@ def per_sample_grads(model: nn.Module, names: Sequence[str], params: Sequence[Te
         yield list(grad_fn(detached, x, y)), e - s
 
 
+def linear_moments(model: nn.Module, names: Sequence[str], params: Sequence[Tensor],
+                   objective: Callable[..., Tensor], args: tuple[Tensor, ...], targets: Tensor | None,
+                   power: int) -> tuple[list[Tensor], list[Tensor]] | None:
+    """(Σ_s g_s, Σ_s φ(g_s)) per parameter, φ = g² (power 2) or |g| (power 1), without forming a
+    per-sample gradient, when every parameter belongs to an ``nn.Linear`` called once on ``[B, in]``
+    inputs (MLPs): a sample's weight gradient is the outer product d_s a_sᵀ of the gradient d_s at
+    the layer's output and its input a_s, so Σ_s (d_s a_sᵀ)² = (d²)ᵀ(a²), Σ_s |d_s a_sᵀ| =
+    |d|ᵀ|a| and Σ_s d_s a_sᵀ = dᵀa: two matmuls per layer from one batched forward and backward.
+    None when the model is not of that form (the caller uses :func:`per_sample_grads`)."""
+    owners = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            for kind in ("weight", "bias"):
+                owners[f"{mod_name}.{kind}" if mod_name else kind] = (mod, kind)
+    if any(n not in owners for n in names):
+        return None
+    layers = list(dict.fromkeys(owners[n][0] for n in names))
+    seen: dict[nn.Module, list] = {m: [] for m in layers}
+
+    def hook(mod, inputs, output):
+        seen[mod].append((inputs[0], output))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.enable_grad():
+            out = model(*args)
+            per_sample = torch.func.vmap(
+                (lambda o, y: objective(o.unsqueeze(0), y.unsqueeze(0))) if isinstance(targets, Tensor)
+                else (lambda o, y: objective(o.unsqueeze(0))), in_dims=(0, 0 if isinstance(targets, Tensor) else None)
+            )(out, targets)
+            if any(len(v) != 1 or v[0][0].dim() != 2 or not v[0][1].requires_grad for v in seen.values()):
+                return None  # a layer called twice, on [B, T, in] inputs, or outside the graph
+            outputs = [seen[m][0][1] for m in layers]
+            grads = torch.autograd.grad(per_sample.sum(), outputs)
+    finally:
+        for h in handles:
+            h.remove()
+    d_of = {m: g.detach() for m, g in zip(layers, grads)}
+    first, second = [], []
+    phi = (lambda t: t.square()) if power == 2 else (lambda t: t.abs())
+    for n in names:
+        mod, kind = owners[n]
+        d, a = d_of[mod], seen[mod][0][0].detach()
+        if kind == "weight":
+            first.append(d.T @ a)
+            second.append(phi(d).T @ phi(a))
+        else:
+            first.append(d.sum(0))
+            second.append(phi(d).sum(0))
+    return first, second
+
+
+def per_sample_directional(model: nn.Module, names: Sequence[str], params: Sequence[Tensor],
+                           objective: Callable[..., Tensor], args: tuple[Tensor, ...], targets: Tensor | None,
+                           tangent: Sequence[Tensor], chunk: int) -> Tensor:
+    """float64 ``[n]``: the directional derivative of each sample's loss along ``tangent``,
+    d/dε ℓ_s(θ + ε·v) = vᵀg_s, by forward mode (``vmap`` of ``torch.func.jvp``): no per-sample
+    gradient is formed, the cost is about two forward passes (computed in the parameters' dtype)."""
+    detached = tuple(p.detach() for p in params)
+    tangents = tuple(t.to(p.dtype) for t, p in zip(tangent, params))
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(x, y, *values):
+        state = {**buffers, **dict(zip(names, values))}
+        out = torch.func.functional_call(model, state, tuple(t.unsqueeze(0) for t in x))
+        return objective(out) if y is None else objective(out, y.unsqueeze(0))
+
+    def directional(x, y):
+        return torch.func.jvp(lambda *v: sample_loss(x, y, *v), detached, tangents)[1]
+
+    with_y = isinstance(targets, Tensor)
+    fn = torch.func.vmap(directional, in_dims=(0, 0 if with_y else None))
+    n = args[0].shape[0]
+    out = [fn(tuple(a[s:s + chunk] for a in args), targets[s:s + chunk] if with_y else None).to(torch.float64)
+           for s in range(0, n, chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
 def distributed_group(op: str, distributed: bool | None, process_group) -> tuple[bool, Any]:
     """Whether to all-reduce (default: torch.distributed initialised with more than one rank)."""
     import torch.distributed as dist

@@ -47,7 +47,9 @@ class EWC:
     - ``mode='rank1'``: F ≈ c·μμᵀ with μ = mean gradient and c* = E[(μᵀg)²] / ‖μ‖⁴, the
       Frobenius-optimal scale (rank-1 Fisher paper): per-sample gradients are nearly collinear,
       so the rank-1 term carries the dominant curvature at the diagonal's cost. c* needs μ, so
-      the data is read twice (the same batches, the same sampled labels).
+      the data is read twice (the same batches, the same sampled labels); the second pass takes
+      μᵀg_s as the directional derivative of each sample's loss along μ (forward mode, no
+      per-sample gradients: about two forward passes).
     - ``mode='both'``: diag(F) + c·μμᵀ from the same samples.
 
     ``fisher='empirical'`` uses the data's targets; ``'sampled'`` draws targets from the model's
@@ -82,6 +84,10 @@ class EWC:
         chunk_size: samples per vmap call (default: as many as keep the per-sample gradients of a
             chunk within 256 MiB).
         generator: the torch.Generator for ``'sampled'`` targets (default: a fresh one seeded 0).
+        per_sample: ``'auto'``: when every parameter belongs to an ``nn.Linear`` applied once to
+            ``[batch, features]`` inputs (an MLP), the sums come from the layers' inputs and output
+            gradients without forming per-sample gradients (Σ_s (d_s a_sᵀ)² = (d²)ᵀ(a²)), otherwise
+            from ``vmap ∘ grad``; ``'vmap'``: always ``vmap ∘ grad``.
 
     Example::
 
@@ -95,7 +101,7 @@ class EWC:
 
     def __init__(self, model: nn.Module, *, mode: str = "diag", lam: float = 1.0, online_gamma: float | None = None,
                  fisher: str = "empirical", dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, per_sample: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_NAME}: model must be an nn.Module, got {type(model).__name__}")
         if mode not in MODES:
@@ -104,12 +110,14 @@ class EWC:
             raise ValueError(f"{_NAME}: fisher must be one of {FISHERS}, got {fisher!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{_NAME}: dtype must be torch.float32 or torch.float64, got {dtype}")
+        if per_sample not in ("auto", "vmap"):
+            raise ValueError(f"{_NAME}: per_sample must be 'auto' or 'vmap', got {per_sample!r}")
         if online_gamma is not None and not (isinstance(online_gamma, (int, float)) and 0 <= online_gamma <= 1):
             raise ValueError(f"{_NAME}: online_gamma must be None or a number in [0, 1], got {online_gamma!r}")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam == lam:
             raise TypeError(f"{_NAME}: lam must be a real number, got {lam!r}")
         self.model, self.mode, self.lam, self.online_gamma = model, mode, float(lam), online_gamma
-        self.fisher, self.dtype, self.chunk_size = fisher, dtype, chunk_size
+        self.fisher, self.dtype, self.chunk_size, self.per_sample = fisher, dtype, chunk_size, per_sample
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.names, self.params = ps.trainable(model)
         if not self.params:
@@ -164,11 +172,20 @@ class EWC:
         try:
             for args, targets in ps.batches(op, data):
                 y = self._targets(args, targets)
-                for grads, _ in ps.per_sample_grads(self.model, self.names, self.params, loss_fn, args, y, chunk):
-                    if rank1:
-                        rank1_accumulate_(mu, diag, grads)
-                    else:
-                        fisher_accumulate_(diag, grads)
+                fast = ps.linear_moments(self.model, self.names, self.params, loss_fn, args, y, 2) \
+                    if self.per_sample == "auto" else None
+                if fast is not None:  # an MLP: the sums from two matmuls per layer
+                    with torch.no_grad():
+                        for state, part in zip((mu, diag), fast):
+                            for t, v in zip(state or (), part):
+                                t.add_(v)
+                else:
+                    for grads, _ in ps.per_sample_grads(self.model, self.names, self.params, loss_fn, args, y,
+                                                        chunk):
+                        if rank1:
+                            rank1_accumulate_(mu, diag, grads)
+                        else:
+                            fisher_accumulate_(diag, grads)
                 count += args[0].shape[0]
                 if rank1:
                     seen.append((args[0].shape[0], _checksum(args), y))
@@ -189,9 +206,9 @@ class EWC:
                         raise ValueError(f"{op}: data gave different batches on its second pass (batch {batch}); "
                                          "a rank-1 mode needs the same samples twice (no shuffling)")
                     y = seen[batch][2]
-                    for grads, _ in ps.per_sample_grads(self.model, self.names, self.params, loss_fn, args, y,
-                                                        chunk):
-                        num = num + rank1_coefficient(mu, grads)
+                    dots = ps.per_sample_directional(self.model, self.names, self.params, loss_fn, args, y, mu,
+                                                     chunk)
+                    num = num + dots.square().sum().to(num.device)
                     batch += 1
                 if batch != len(seen):
                     raise ValueError(f"{op}: data gave {batch} batches on its second pass, {len(seen)} on the first")
