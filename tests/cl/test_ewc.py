@@ -87,6 +87,47 @@ def test_per_sample_fisher_equals_a_loop_over_single_samples(mode, per_sample):
     check_against_loop(ewc, loop_grads(model, data))
 
 
+class _Conv(torch.nn.Module):
+    """Convolutions, a linear layer on [B, T, in] inputs and one on [B, in]: every layer form of the
+    per-layer sums (inputs [B, 5] reshaped to 1×5×5 images would be too small: built from 2×6×6)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1, stride=2)
+        self.conv2 = torch.nn.Conv2d(3, 4, 2, bias=False, dilation=1)
+        self.seq = torch.nn.Linear(2, 5)
+        self.head = torch.nn.Linear(5 * 8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv2(torch.relu(self.conv(x))))  # [B, 4, 2, 2]
+        h = torch.tanh(self.seq(h.reshape(h.shape[0], 8, 2)))  # [B, 8 positions, 5]
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+def image_batches(sizes=(4, 4, 3)):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(b, 2, 6, 6, generator=g), torch.randint(0, 3, (b,), generator=g)) for b in sizes]
+
+
+@pytest.mark.parametrize("mode", ["diag", "both"])
+def test_convolutions_and_sequence_inputs_use_the_layer_sums(mode, monkeypatch):
+    from retain.cl import _per_sample
+
+    monkeypatch.setattr(_per_sample, "per_sample_grads", lambda *a, **k: pytest.fail("vmap path taken"))
+    model, data = _Conv(), image_batches()
+    ewc = retain.cl.EWC(model, mode=mode)
+    ewc.consolidate(data, F.cross_entropy)
+    check_against_loop(ewc, loop_grads(model, data))
+    monkeypatch.undo()
+    mas = retain.cl.MAS(model)
+    mas.consolidate(data)
+    ref = retain.cl.MAS(model, per_sample="vmap")
+    ref.consolidate(data)
+    for a, b in zip(mas.importance, ref.importance):
+        assert_close(a, b)
+
+
 def test_a_model_beyond_linear_layers_uses_vmap(monkeypatch):
     from retain.cl import _per_sample
 

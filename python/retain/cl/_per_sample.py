@@ -8,9 +8,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAX_CHUNK_BYTES = 256 << 20  # per-sample gradients of one chunk: at most this much memory
+
+
+def check_state_dict(op: str, state, fmt: str, names: Sequence[str]) -> None:
+    """``state`` is a state dict of ``fmt`` saved for the parameters ``names``."""
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"{op}: not a {fmt} state dict")
+    if list(state["names"]) != list(names):
+        raise ValueError(f"{op}: the state was saved for parameters {list(state['names'])[:3]}..., this model has "
+                         f"{list(names)[:3]}...")
 
 
 def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
@@ -79,18 +89,26 @@ def per_sample_grads(model: nn.Module, names: Sequence[str], params: Sequence[Te
         yield list(grad_fn(detached, x, y)), e - s
 
 
-def linear_moments(model: nn.Module, names: Sequence[str], params: Sequence[Tensor],
-                   objective: Callable[..., Tensor], args: tuple[Tensor, ...], targets: Tensor | None,
-                   power: int) -> tuple[list[Tensor], list[Tensor]] | None:
-    """(Σ_s g_s, Σ_s φ(g_s)) per parameter, φ = g² (power 2) or |g| (power 1), without forming a
-    per-sample gradient, when every parameter belongs to an ``nn.Linear`` called once on ``[B, in]``
-    inputs (MLPs): a sample's weight gradient is the outer product d_s a_sᵀ of the gradient d_s at
-    the layer's output and its input a_s, so Σ_s (d_s a_sᵀ)² = (d²)ᵀ(a²), Σ_s |d_s a_sᵀ| =
-    |d|ᵀ|a| and Σ_s d_s a_sᵀ = dᵀa: two matmuls per layer from one batched forward and backward.
-    None when the model is not of that form (the caller uses :func:`per_sample_grads`)."""
+def _conv_ok(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros" \
+        and not isinstance(mod.padding, str)
+
+
+def layer_moments(model: nn.Module, names: Sequence[str], params: Sequence[Tensor],
+                  objective: Callable[..., Tensor], args: tuple[Tensor, ...], targets: Tensor | None,
+                  power: int, max_bytes: int = MAX_CHUNK_BYTES) -> tuple[list[Tensor], list[Tensor]] | None:
+    """(Σ_s g_s, Σ_s φ(g_s)) per parameter, φ = g² (power 2) or |g| (power 1), from one batched
+    forward and backward, when every parameter belongs to an ``nn.Linear`` or an ``nn.Conv2d``
+    (groups 1, zero padding) called once: a sample's weight gradient is Σ_t d_{s,t} a_{s,t}ᵀ over
+    its positions t, with d the gradient of its loss at the layer's output and a the layer's input
+    (unfolded patches for a convolution). With one position per sample (``[B, in]`` inputs) the
+    sums need no per-sample gradient: Σ_s (d_s a_sᵀ)² = (d²)ᵀ(a²), Σ_s |d_s a_sᵀ| = |d|ᵀ|a|,
+    Σ_s d_s a_sᵀ = dᵀa; otherwise each sample's gradient is one batched matmul over positions (in
+    chunks of at most ``max_bytes``). None when the model is not of that form: the caller uses
+    :func:`per_sample_grads`."""
     owners = {}
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or _conv_ok(mod):
             for kind in ("weight", "bias"):
                 owners[f"{mod_name}.{kind}" if mod_name else kind] = (mod, kind)
     if any(n not in owners for n in names):
@@ -101,33 +119,47 @@ def linear_moments(model: nn.Module, names: Sequence[str], params: Sequence[Tens
     def hook(mod, inputs, output):
         seen[mod].append((inputs[0], output))
 
+    with_y = isinstance(targets, Tensor)
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
         with torch.enable_grad():
             out = model(*args)
             per_sample = torch.func.vmap(
-                (lambda o, y: objective(o.unsqueeze(0), y.unsqueeze(0))) if isinstance(targets, Tensor)
-                else (lambda o, y: objective(o.unsqueeze(0))), in_dims=(0, 0 if isinstance(targets, Tensor) else None)
-            )(out, targets)
-            if any(len(v) != 1 or v[0][0].dim() != 2 or not v[0][1].requires_grad for v in seen.values()):
-                return None  # a layer called twice, on [B, T, in] inputs, or outside the graph
-            outputs = [seen[m][0][1] for m in layers]
-            grads = torch.autograd.grad(per_sample.sum(), outputs)
+                (lambda o, y: objective(o.unsqueeze(0), y.unsqueeze(0))) if with_y
+                else (lambda o, y: objective(o.unsqueeze(0))), in_dims=(0, 0 if with_y else None))(out, targets)
+            if any(len(v) != 1 or not v[0][1].requires_grad for v in seen.values()):
+                return None  # a layer called twice, or outside the graph
+            grads = torch.autograd.grad(per_sample.sum(), [seen[m][0][1] for m in layers])
     finally:
         for h in handles:
             h.remove()
-    d_of = {m: g.detach() for m, g in zip(layers, grads)}
-    first, second = [], []
     phi = (lambda t: t.square()) if power == 2 else (lambda t: t.abs())
-    for n in names:
-        mod, kind = owners[n]
-        d, a = d_of[mod], seen[mod][0][0].detach()
-        if kind == "weight":
-            first.append(d.T @ a)
-            second.append(phi(d).T @ phi(a))
-        else:
-            first.append(d.sum(0))
-            second.append(phi(d).sum(0))
+    sums: dict[tuple[nn.Module, str], tuple[Tensor, Tensor]] = {}
+    for mod, d in zip(layers, grads):
+        a, d = seen[mod][0][0].detach(), d.detach()
+        B = a.shape[0]
+        if isinstance(mod, nn.Linear) and a.dim() == 2:  # one position per sample
+            sums[mod, "weight"] = (d.T @ a, phi(d).T @ phi(a))
+            sums[mod, "bias"] = (d.sum(0), phi(d).sum(0))
+            continue
+        if isinstance(mod, nn.Linear):  # [B, ..., in]: positions are the middle dimensions
+            A, D = a.reshape(B, -1, a.shape[-1]), d.reshape(B, -1, d.shape[-1]).transpose(1, 2)
+        else:  # convolution: unfolded patches [B, in·kh·kw, P] and output gradients [B, out, P]
+            A = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                         stride=mod.stride).transpose(1, 2)
+            D = d.reshape(B, d.shape[1], -1)
+        w_first = torch.zeros(mod.weight.shape, dtype=mod.weight.dtype, device=a.device)
+        w_second = torch.zeros_like(w_first)
+        per = max(1, max_bytes // max(mod.weight.numel() * mod.weight.element_size(), 1))
+        for s in range(0, B, per):
+            G = torch.bmm(D[s:s + per], A[s:s + per]).reshape(-1, *mod.weight.shape)  # each sample's gradient
+            w_first += G.sum(0)
+            w_second += phi(G).sum(0)
+        bias = D.sum(2)  # [B, out]
+        sums[mod, "weight"] = (w_first, w_second)
+        sums[mod, "bias"] = (bias.sum(0), phi(bias).sum(0))
+    first = [sums[owners[n]][0] for n in names]
+    second = [sums[owners[n]][1] for n in names]
     return first, second
 
 

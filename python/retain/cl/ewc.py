@@ -84,10 +84,11 @@ class EWC:
         chunk_size: samples per vmap call (default: as many as keep the per-sample gradients of a
             chunk within 256 MiB).
         generator: the torch.Generator for ``'sampled'`` targets (default: a fresh one seeded 0).
-        per_sample: ``'auto'``: when every parameter belongs to an ``nn.Linear`` applied once to
-            ``[batch, features]`` inputs (an MLP), the sums come from the layers' inputs and output
-            gradients without forming per-sample gradients (Σ_s (d_s a_sᵀ)² = (d²)ᵀ(a²)), otherwise
-            from ``vmap ∘ grad``; ``'vmap'``: always ``vmap ∘ grad``.
+        per_sample: ``'auto'``: when every parameter belongs to an ``nn.Linear`` or ``nn.Conv2d``
+            applied once (MLPs, CNNs), the sums come from one batched forward and backward, the
+            layers' inputs and output gradients (for ``[batch, features]`` inputs without forming
+            any per-sample gradient: Σ_s (d_s a_sᵀ)² = (d²)ᵀ(a²)); other models use ``vmap ∘
+            grad``; ``'vmap'``: always ``vmap ∘ grad``.
 
     Example::
 
@@ -172,9 +173,9 @@ class EWC:
         try:
             for args, targets in ps.batches(op, data):
                 y = self._targets(args, targets)
-                fast = ps.linear_moments(self.model, self.names, self.params, loss_fn, args, y, 2) \
+                fast = ps.layer_moments(self.model, self.names, self.params, loss_fn, args, y, 2) \
                     if self.per_sample == "auto" else None
-                if fast is not None:  # an MLP: the sums from two matmuls per layer
+                if fast is not None:  # Linear/Conv2d layers only: the sums from the layers' inputs and output grads
                     with torch.no_grad():
                         for state, part in zip((mu, diag), fast):
                             for t, v in zip(state or (), part):
@@ -274,11 +275,7 @@ class EWC:
 
     def load_state_dict(self, state: dict) -> None:
         op = f"{_NAME}.load_state_dict"
-        if not isinstance(state, dict) or state.get("format") != _NAME:
-            raise ValueError(f"{op}: not a {_NAME} state dict")
-        if list(state["names"]) != self.names:
-            raise ValueError(f"{op}: the state was saved for parameters {state['names'][:3]}..., this model has "
-                             f"{self.names[:3]}...")
+        ps.check_state_dict(op, state, _NAME, self.names)
         anchors = []
         device = self.params[0].device
         for a in state["anchors"]:

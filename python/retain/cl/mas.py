@@ -39,8 +39,8 @@ class MAS:
         alpha: None (importances of the tasks add up) or α in [0, 1].
         dtype: Ω's dtype (float32 or float64).
         chunk_size: samples per vmap call (default: per-sample gradients within 256 MiB).
-        per_sample: ``'auto'`` (an MLP's sums from its layers' inputs and output gradients, as
-            :class:`EWC`) or ``'vmap'``.
+        per_sample: ``'auto'`` (models of ``nn.Linear`` and ``nn.Conv2d`` layers: the sums from the
+            layers' inputs and output gradients, as :class:`EWC`) or ``'vmap'``.
     """
 
     def __init__(self, model: nn.Module, *, lam: float = 1.0, alpha: float | None = None,
@@ -78,9 +78,9 @@ class MAS:
             for item in data:
                 inputs = item[0] if isinstance(item, (tuple, list)) and len(item) == 2 else item
                 args = ps.as_args(inputs)
-                fast = ps.linear_moments(self.model, self.names, self.params, _squared_norm, args, None, 1) \
+                fast = ps.layer_moments(self.model, self.names, self.params, _squared_norm, args, None, 1) \
                     if self.per_sample == "auto" else None
-                if fast is not None:  # an MLP: Σ_s |d_s a_sᵀ| = |d|ᵀ|a|, two matmuls per layer
+                if fast is not None:  # Linear/Conv2d layers only (Σ_s |d_s a_sᵀ| = |d|ᵀ|a| for [B, in] inputs)
                     with torch.no_grad():
                         for t, v in zip(new, fast[1]):
                             t.add_(v)
@@ -126,10 +126,7 @@ class MAS:
 
     def load_state_dict(self, state: dict) -> None:
         op = f"{_NAME}.load_state_dict"
-        if not isinstance(state, dict) or state.get("format") != _NAME:
-            raise ValueError(f"{op}: not a {_NAME} state dict")
-        if list(state["names"]) != self.names:
-            raise ValueError(f"{op}: the state was saved for other parameters ({state['names'][:3]}...)")
+        ps.check_state_dict(op, state, _NAME, self.names)
         device = self.params[0].device
         self.importance = [t.to(device) for t in state["importance"]]
         self.anchor = None if state["anchor"] is None else [t.to(device) for t in state["anchor"]]

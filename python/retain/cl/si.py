@@ -116,10 +116,7 @@ class SI:
 
     def load_state_dict(self, state: dict) -> None:
         op = f"{_NAME}.load_state_dict"
-        if not isinstance(state, dict) or state.get("format") != _NAME:
-            raise ValueError(f"{op}: not a {_NAME} state dict")
-        if list(state["names"]) != self.names:
-            raise ValueError(f"{op}: the state was saved for other parameters ({state['names'][:3]}...)")
+        ps.check_state_dict(op, state, _NAME, self.names)
         with torch.no_grad():
             for key in ("omega", "importance", "anchor"):
                 for dst, src in zip(getattr(self, key), state[key]):

@@ -4,6 +4,8 @@ lists, anchors' gradient, .grad accumulation, torch.compile of a training step, 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -197,3 +199,27 @@ def test_grad_form_bad_grads():
         retain.ops.ewc_penalty_grad_(params, anchors, diag=diag, grads=[torch.zeros(3)])
     with pytest.raises(ValueError, match=r"retain\.ops\.ewc_penalty_grad_: grads\[0\] must be contiguous"):
         retain.ops.ewc_penalty_grad_(params, anchors, diag=diag, grads=[torch.zeros(6, dtype=F64)[::2]])
+
+
+def test_the_forward_computes_the_gradient_and_the_backward_hands_it_out(monkeypatch):
+    # with parameters requiring grad the forward writes ∂P/∂θ in its passes (diagonal only: one
+    # pass); the backward scales it by the incoming gradient instead of recomputing
+    module = importlib.import_module("retain.ops.fisher.ewc_penalty")  # the package re-exports the function
+
+    calls = []
+    orig = module.ewc_penalty_backward_op
+    monkeypatch.setattr(module, "ewc_penalty_backward_op", lambda *a: calls.append(1) or orig(*a))
+    params, anchors, diag, mu = make(SMALL)
+    for kw in (dict(diag=diag), dict(diag=diag, mu=mu, c=0.4), dict(mu=mu, c=0.4)):
+        leaves = [p.clone().requires_grad_() for p in params]
+        value = retain.ops.ewc_penalty(leaves, anchors, **kw, lam=1.5)
+        got = torch.autograd.grad(2.5 * value, leaves)
+        assert not calls
+        want = ref.ewc_penalty_grads_ref(params, anchors, **kw, lam=1.5)
+        for a, b in zip(got, want):
+            assert_close(a, 2.5 * b)
+    # building a graph of the backward recomputes through the backward op (which refuses a second
+    # derivative by name)
+    leaves = [p.clone().requires_grad_() for p in params]
+    first = torch.autograd.grad(retain.ops.ewc_penalty(leaves, anchors, diag=diag), leaves, create_graph=True)
+    assert calls and all(g.requires_grad for g in first)

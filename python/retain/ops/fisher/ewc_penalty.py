@@ -87,7 +87,8 @@ def ewc_penalty(params: Sequence[Tensor], anchors: Sequence[Tensor], *, diag: Se
     a = EwcArgs("retain.ops.ewc_penalty", params, anchors, diag, mu, c, lam)
     if not a.params:
         return torch.zeros((), dtype=torch.float64)
-    return ewc_penalty_op(a.params, a.anchors, a.diag or [], a.mu or [], a.c, a.lam)[0]
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in a.params + a.anchors)
+    return ewc_penalty_op(a.params, a.anchors, a.diag or [], a.mu or [], a.c, a.lam, need_grad)[0]
 
 
 def sums(params, anchors, diag, mu) -> Tensor:
@@ -131,24 +132,38 @@ def grads_into(grads, accumulate, params, anchors, diag, mu, coef: Tensor, with_
 
 @torch.library.custom_op("retain::ewc_penalty", mutates_args=())
 def ewc_penalty_op(params: list[Tensor], anchors: list[Tensor], diag: list[Tensor], mu: list[Tensor], c: float,
-                   lam: float) -> tuple[Tensor, Tensor]:
-    """(penalty, μᵀΔ), float64 0-dim; an empty diag or mu is absent. This body is the fallback, by
-    the reference."""
+                   lam: float, need_grad: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(penalty, μᵀΔ, ∂penalty/∂θ): float64 0-dim values (an empty diag or mu is absent) and, when
+    ``need_grad`` and a kernel serves the device, the gradient per parameter from the same passes
+    (the backward hands it out); else []. This body is the fallback, by the reference."""
     _dispatch.fallback(_OP, params[0])
     penalty = reference.ewc_penalty_ref(params, anchors, diag=diag or None, mu=mu or None, c=c, lam=lam)
     dot = sum(((m.to(torch.float64) * (p.to(torch.float64) - a.to(torch.float64))).sum()
                for m, p, a in zip(mu, params, anchors)), torch.zeros((), dtype=torch.float64))
-    return penalty.to(params[0].device), dot.detach().to(params[0].device)
+    return penalty.to(params[0].device), dot.detach().to(params[0].device), []
 
 
-def _forward(params, anchors, diag, mu, c, lam):
-    s = sums(params, anchors, diag, mu)
-    return lam / 2 * (s[0] + c * s[1].square()), s[1].clone()
+def _forward(params, anchors, diag, mu, c, lam, need_grad):
+    if not need_grad:  # the value only: one pass reading θ, θ*, F, μ
+        s = sums(params, anchors, diag, mu)
+        return lam / 2 * (s[0] + c * s[1].square()), s[1].clone(), []
+    # value and gradient together: without μ one pass (θ, θ*, F read, the gradient written, ΣFΔ²
+    # summed on the way); with μ a first pass for μᵀΔ
+    device = params[0].device
+    dot = sums(params, anchors, [], mu)[1].clone() if mu else torch.zeros((), dtype=torch.float64, device=device)
+    coef = torch.stack((torch.tensor(lam, dtype=torch.float64, device=device), lam * c * dot))
+    grads = [_native.empty_like(p) for p in params]
+    quad = grads_into(grads, False, params, anchors, diag, mu, coef, with_quad=bool(diag))
+    if quad is None:
+        quad = torch.zeros((), dtype=torch.float64, device=device)
+    return lam / 2 * (quad + c * dot.square()), dot, grads
 
 
 @ewc_penalty_op.register_fake
-def _(params, anchors, diag, mu, c, lam):
-    return params[0].new_empty((), dtype=torch.float64), params[0].new_empty((), dtype=torch.float64)
+def _(params, anchors, diag, mu, c, lam, need_grad):
+    served = _dispatch.served(ewc_penalty_op, params[0].device)
+    grads = [_native.fake_empty_like(p) for p in params] if need_grad and served else []
+    return params[0].new_empty((), dtype=torch.float64), params[0].new_empty((), dtype=torch.float64), grads
 
 
 @torch.library.custom_op("retain::ewc_penalty_backward", mutates_args=())
@@ -181,27 +196,45 @@ def _(grad, params, anchors, diag, mu, c, lam, dot):
 
 
 def _setup_context(ctx, inputs, output):
-    params, anchors, diag, mu, c, lam = inputs
-    ctx.mark_non_differentiable(output[1])
+    params, anchors, diag, mu, c, lam, need_grad = inputs
+    ctx.mark_non_differentiable(output[1], *output[2])
+    ctx.set_materialize_grads(False)
     ctx.c, ctx.lam = c, lam
-    ctx.n = len(params)
     ctx.save_for_backward(*params, *anchors, *diag, *mu, output[1])
     ctx.lens = (len(params), len(anchors), len(diag), len(mu))
+    ctx.precomputed = list(output[2]) if output[2] else None
 
 
-def _backward_rule(ctx, grad_penalty, _grad_dot):
-    saved = list(ctx.saved_tensors)
+def _precomputed(ctx, grad_penalty: Tensor) -> list[Tensor] | None:
+    """The gradient the forward computed, scaled by the incoming gradient, handed out once; None
+    where it cannot be used (as _dispatch.hand_out: a second backward, tracing, or a graph of the
+    backward being built)."""
+    pre, ctx.precomputed = ctx.precomputed, None
+    if pre is None or type(grad_penalty) is not torch.Tensor or torch.compiler.is_compiling() \
+            or torch.is_grad_enabled():
+        return None
+    if grad_penalty.device.type != "cpu" or float(grad_penalty) != 1.0:
+        for t in pre:
+            t.mul_(grad_penalty.to(t.dtype))
+    return pre
+
+
+def _backward_rule(ctx, grad_penalty, _grad_dot, _grad_grads):
     n_p, n_a, n_d, n_m = ctx.lens
-    params, anchors = saved[:n_p], saved[n_p:n_p + n_a]
-    diag, mu = saved[n_p + n_a:n_p + n_a + n_d], saved[n_p + n_a + n_d:n_p + n_a + n_d + n_m]
-    dot = saved[-1]
-    need_p = any(ctx.needs_input_grad[0]) if isinstance(ctx.needs_input_grad[0], (list, tuple)) else ctx.needs_input_grad[0]
-    need_a = any(ctx.needs_input_grad[1]) if isinstance(ctx.needs_input_grad[1], (list, tuple)) else ctx.needs_input_grad[1]
-    gp = ewc_penalty_backward_op(grad_penalty, params, anchors, diag, mu, ctx.c, ctx.lam, dot) \
-        if need_p or need_a else None
+    if grad_penalty is None:
+        return [None] * n_p, [None] * n_a, [None] * n_d, [None] * n_m, None, None, None
+    flags = ctx.needs_input_grad
+    need_p = any(flags[0]) if isinstance(flags[0], (list, tuple)) else flags[0]
+    need_a = any(flags[1]) if isinstance(flags[1], (list, tuple)) else flags[1]
+    gp = _precomputed(ctx, grad_penalty) if need_p or need_a else None
+    if gp is None and (need_p or need_a):
+        saved = list(ctx.saved_tensors)
+        params, anchors = saved[:n_p], saved[n_p:n_p + n_a]
+        diag, mu = saved[n_p + n_a:n_p + n_a + n_d], saved[n_p + n_a + n_d:n_p + n_a + n_d + n_m]
+        gp = ewc_penalty_backward_op(grad_penalty, params, anchors, diag, mu, ctx.c, ctx.lam, saved[-1])
     gparams = list(gp) if need_p else [None] * n_p
     ganchors = [-g for g in gp] if need_a else [None] * n_a
-    return gparams, ganchors, [None] * n_d, [None] * n_m, None, None
+    return gparams, ganchors, [None] * n_d, [None] * n_m, None, None, None
 
 
 ewc_penalty_op.register_autograd(_backward_rule, setup_context=_setup_context)
