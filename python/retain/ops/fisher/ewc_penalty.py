@@ -46,10 +46,6 @@ class EwcArgs:
             _lists.check_same_dtype(op, "mu", self.mu, "diag", self.diag)
         _lists.check_device(op, {"params": self.params, "anchors": self.anchors, "diag": self.diag, "mu": self.mu})
 
-    @property
-    def state(self) -> list[Tensor]:
-        return self.diag if self.diag is not None else self.mu
-
 
 def ewc_penalty(params: Sequence[Tensor], anchors: Sequence[Tensor], *, diag: Sequence[Tensor] | None = None,
                 mu: Sequence[Tensor] | None = None, c: float | Tensor | None = None, lam: float = 1.0) -> Tensor:
