@@ -25,6 +25,7 @@ namespace retain {
 void bind_scan(py::module_& m, bind::KernelTable& kernels);
 void bind_margin(py::module_& m, bind::KernelTable& kernels);
 void bind_fisher(py::module_& m, bind::KernelTable& kernels);
+void bind_replay(py::module_& m, bind::KernelTable& kernels);
 
 namespace {
 
@@ -91,5 +92,6 @@ PYBIND11_MODULE(_C, m) {
   retain::bind_scan(m, kernels);
   retain::bind_margin(m, kernels);
   retain::bind_fisher(m, kernels);
+  retain::bind_replay(m, kernels);
   m.attr("kernels") = kernels.to_dict();
 }

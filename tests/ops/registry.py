@@ -13,6 +13,7 @@ import torch
 import retain
 from retain.ops.fisher import reference as fisher_ref
 from retain.ops.margin import reference as margin_ref
+from retain.ops.replay import reference as replay_ref
 from retain.ops.scan import reference as scan_ref
 
 F64 = torch.float64
@@ -127,6 +128,12 @@ def _fisher_inputs(seed: int, samples: int = 2) -> dict[str, Any]:
                 grads=[_randn(g, samples, *p.shape) for p in params], step=[_randn(g, *p.shape) for p in params])
 
 
+def _rows_inputs(seed: int) -> dict[str, Any]:
+    g = _gen(seed)
+    return dict(fields=[_randn(g, 7, 3), _randn(g, 7), _randn(g, 7, 2, 2)], index=torch.tensor([6, 0, 3, 3, 1]),
+                values=[_randn(g, 5, 3), _randn(g, 5), _randn(g, 5, 2, 2)])
+
+
 def _clones(ts):
     """Copies of the state an in-place op updates (the inputs stay the reference's); anything else
     as it is, so bad arguments reach the op."""
@@ -222,6 +229,15 @@ CASES: list[OpCase] = [
            lambda importance, omega, params, anchors: (fisher_ref.si_consolidate_ref(
                importance, omega, params, anchors, xi=0.1), [torch.zeros_like(w) for w in omega]),
            nan_input="params"),
+    OpCase("gather_rows", lambda s: _pick(_rows_inputs(s), "fields", "index"),
+           lambda fields, index: ops.gather_rows(fields, index), replay_ref.gather_rows_ref, nan_input="fields"),
+    OpCase("scatter_rows_", _rows_inputs,
+           lambda fields, index, values: ops.scatter_rows_(_clones(fields), torch.where(index == 3, -1, index), values),
+           lambda fields, index, values: replay_ref.scatter_rows_ref(fields, torch.where(index == 3, -1, index), values),
+           nan_input="values"),
+    OpCase("importance_weights", lambda s: dict(prob=torch.rand(6, generator=_gen(s), dtype=F64) + 0.1),
+           lambda prob: ops.importance_weights(prob, beta=0.6),
+           lambda prob: (prob / prob.min()).pow(-0.6).float(), native=False, nan_input="prob"),
     OpCase("pack_tm_labels", _label_inputs, lambda ref, pos, neg: ops.pack_tm_labels(ref, pos, neg),
            lambda ref, pos, neg: margin_ref.pack_tm_labels_ref(margin_ref.tm_labels_ref(ref, pos, neg)),
            native=False),
@@ -233,4 +249,7 @@ CASES: list[OpCase] = [
 ]
 
 # Public names that are types, not ops.
-TYPES = {"ActivationStats"}
+TYPES = {"ActivationStats", "ClassBalancedState", "MinTree", "SumTree"}
+# Host-side functions, not custom ops: they decide on the CPU from Python integers and a generator
+# (sampling state machines, schedules) and are tested in their own files (tests/ops/replay).
+HOST = {"class_balanced_slots", "reservoir_slots", "ring_slots", "view_batch_indices"}
