@@ -1,11 +1,12 @@
-"""Continual-learning strategies composed from ``retain.ops``: GeRe margin replay and the batch
-sampler that mixes replay samples into every global batch; EWC (diagonal, rank-1, online), SI
-and MAS."""
+"""Continual-learning strategies composed from ``retain.ops``: the replay buffer (reservoir, ring,
+class-balanced, prioritized; checkpointable, sharded), GeRe margin replay and the batch sampler
+that mixes replay samples into every global batch; EWC (diagonal, rank-1, online), SI and MAS."""
 
 from retain.cl.ewc import EWC
 from retain.cl.gere import GeRe, forward_with_hidden, gere_total_loss
 from retain.cl.mas import MAS
+from retain.cl.replay_buffer import ReplayBuffer
 from retain.cl.si import SI
 from retain.cl.sampler import ReplayMixSampler
 
-__all__ = ["EWC", "GeRe", "MAS", "SI", "ReplayMixSampler", "forward_with_hidden", "gere_total_loss"]
+__all__ = ["EWC", "GeRe", "MAS", "SI", "ReplayBuffer", "ReplayMixSampler", "forward_with_hidden", "gere_total_loss"]

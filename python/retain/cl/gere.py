@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from retain.cl._files import atomic_save
 from retain.ops.margin import ActivationStats, activation_stats, pack_tm_labels, tm_loss, tm_thresholds
 
 __all__ = ["GeRe", "forward_with_hidden", "gere_total_loss"]
@@ -407,19 +407,7 @@ class GeRe:
     def save(self, path: str | os.PathLike) -> None:
         """Write the anchor to ``path`` atomically (a temporary file in the same folder, fsync,
         rename): a crash never leaves a half-written anchor behind."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".gere-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_save(self.state_dict(), path, with_checksum=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location=None, dim: int | None = None) -> "GeRe":
