@@ -30,6 +30,7 @@ from retain.bench.report import SCHEMA, add_ceiling_fractions, write_report
 FAMILIES = (
     "margin",
     "fisher",
+    "replay",
     "scan",
 )
 for _family in FAMILIES:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from retain import _native
 from retain.cl._files import atomic_save, load_verified
 from retain.ops._checks import dtype_name
+from retain.ops.replay import _rows
 from retain.ops.replay import (ClassBalancedState, MinTree, SumTree, class_balanced_slots, gather_rows,
                                importance_weights, reservoir_slots, ring_slots, scatter_rows_)
 
@@ -281,7 +283,11 @@ class ReplayBuffer:
         slots = slots.to(self.device)
         rows = self._encode(batch)
         names = list(self._columns)
-        scatter_rows_([self._columns[c] for c in names], slots, [rows[c] for c in names])
+        cols, values = [self._columns[c] for c in names], [rows[c] for c in names]
+        if _native.has_kernel("rows_copy", self.device.type):  # checked here; slots distinct by construction
+            _rows.scatter(cols, slots, values, distinct=True)
+        else:
+            scatter_rows_(cols, slots, values)
         if self.policy == "prioritized":
             kept = slots[slots >= 0]
             self._sum.update(kept, self.max_priority)
@@ -309,9 +315,15 @@ class ReplayBuffer:
         index = index.to(self.device, torch.int64)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
             raise IndexError(f"{_NAME}.get: index must be in [0, {len(self)}) (the items stored)")
+        return self._decode(self._gather(index))
+
+    def _gather(self, index: Tensor) -> dict[str, Tensor]:
+        """Every storage column's rows at ``index`` (int64 on the device, in range)."""
         names = list(self._columns)
-        rows = dict(zip(names, gather_rows([self._columns[c] for c in names], index)))
-        return self._decode(rows)
+        cols = [self._columns[c] for c in names]
+        if _native.has_kernel("rows_copy", self.device.type):
+            return dict(zip(names, _rows.gather(cols, index)))
+        return dict(zip(names, gather_rows(cols, index)))
 
     def sample(self, n: int, *, replace: bool = True, scope: str = "local") -> dict[str, Tensor]:
         """``n`` stored items: uniformly (with replacement, or without: ``replace=False``), or by
@@ -340,7 +352,7 @@ class ReplayBuffer:
                 raise ValueError(f"{_NAME}.sample: prioritized sampling draws with replacement (replace=True)")
             idx, prob = self._sum.sample(n, generator=self._gen, stratified=self.stratified)
             min_prob = self._min.root() / self._sum.root() if self.weights == "buffer" else None
-            out = self.get(idx)
+            out = self._decode(self._gather(idx))
             out["index"] = idx
             out["weight"] = importance_weights(prob, beta=self.beta, min_prob=min_prob)
             return out
@@ -349,7 +361,7 @@ class ReplayBuffer:
         else:
             idx = torch.randperm(size, generator=self._gen)[:n]
         idx = idx.to(self.device)
-        out = self.get(idx)
+        out = self._decode(self._gather(idx))
         out["index"] = idx
         return out
 
@@ -418,7 +430,7 @@ class ReplayBuffer:
         mine = torch.nonzero(owner == rank).flatten()
         local = (requested[mine] - starts[rank]).to(self.device)
         names = list(self._columns)
-        rows = gather_rows([self._columns[c] for c in names], local)
+        rows = [self._gather(local)[c] for c in names]
         # every requested row, as bytes, from its owner: zero elsewhere, so a sum is exact
         widths = [(self._columns[c][0].numel() * self._columns[c].element_size()) for c in names]
         packed = torch.zeros(world * n, sum(widths), dtype=torch.uint8, device=comm)

@@ -3,6 +3,7 @@ over the table of their pointers (csrc/replay/rows.h)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +38,8 @@ def check_fields(op: str, fields, index) -> list[Tensor]:
 
 
 def check_range(op: str, index: Tensor, capacity: int, lowest: int) -> None:
-    """Indices in [lowest, capacity): a host check on the CPU, an asynchronous device assert on CUDA."""
+    """Indices in [lowest, capacity): a host check on the CPU, an asynchronous device assert on CUDA
+    (the CPU kernel checks them itself before copying anything)."""
     if index.numel() == 0:
         return
     if index.device.type == "cpu":
@@ -51,17 +53,47 @@ def check_range(op: str, index: Tensor, capacity: int, lowest: int) -> None:
 
 
 def copy(fields: Sequence[Tensor], index: Tensor, batch: Sequence[Tensor], scatter: bool) -> None:
-    """The native row copy between the fields and the batch tensors (both contiguous)."""
+    """The native row copy between the fields and the batch tensors (both contiguous; on CUDA the
+    indices in range and, for scatters, distinct apart from -1)."""
     device = index.device
-    rows = [(f.data_ptr() if f.numel() else 0, b.data_ptr() if b.numel() else 0,
-             (f[0].numel() if f.shape[0] else 0) * f.element_size()) for f, b in zip(fields, batch)]
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1)
+    table = []
+    for f, b in zip(fields, batch):
+        table += (f.data_ptr() if f.numel() else 0, b.data_ptr() if b.numel() else 0,
+                  math.prod(f.shape[1:]) * f.element_size())
+    tab = torch.tensor(table, dtype=torch.int64)
+    k = index.numel()
     if device.type == "cpu":
-        bad = _native.lib().rows_copy_cpu(table.data_ptr(), len(rows), _dispatch.ptr(index), index.numel(),
+        bad = _native.lib().rows_copy_cpu(tab.data_ptr(), len(fields), index.data_ptr() if k else 0, k,
                                           fields[0].shape[0], scatter, _native.num_threads())
-        if bad:
+        if bad:  # nothing was copied
             op = "retain.ops.scatter_rows_" if scatter else "retain.ops.gather_rows"
-            raise IndexError(f"{op}: {bad} index value(s) out of range [{-1 if scatter else 0}, {fields[0].shape[0]})")
+            check_range(op, index, fields[0].shape[0], -1 if scatter else 0)
     else:
-        table = table.to(device)
-        _dispatch.run("rows_copy", device, table.data_ptr(), len(rows), _dispatch.ptr(index), index.numel(), scatter)
+        tab = tab.to(device)
+        _dispatch.run("rows_copy", device, tab.data_ptr(), len(fields), index.data_ptr() if k else 0, k, scatter)
+
+
+def gather(fields: Sequence[Tensor], index: Tensor) -> list[Tensor]:
+    """The rows of contiguous ``fields`` at ``index`` (int64, contiguous, in range on CUDA)."""
+    out = [torch.empty((index.shape[0], *f.shape[1:]), dtype=f.dtype, device=f.device) for f in fields]
+    copy(fields, index, out, scatter=False)
+    return out
+
+
+def _last_writers(index: Tensor) -> Tensor:
+    """``index`` with all but the last of repeated values replaced by -1."""
+    pos = torch.arange(index.numel(), device=index.device)
+    uniq, inverse = torch.unique(torch.where(index >= 0, index, 0), return_inverse=True)
+    last = torch.full((uniq.numel(),), -1, dtype=torch.int64, device=index.device)
+    last.scatter_reduce_(0, inverse, pos, reduce="amax", include_self=True)
+    return torch.where((index >= 0) & (last[inverse] == pos), index, -1)
+
+
+def scatter(fields: Sequence[Tensor], index: Tensor, values: Sequence[Tensor], *, distinct: bool = False) -> None:
+    """``fields[f][index[j]] = values[f][j]`` (contiguous tensors, int64 index). CUDA blocks copy
+    rows concurrently, so there repeated indices are first reduced to their last occurrence unless
+    the caller knows them ``distinct`` (slots from the slot functions are); the CPU kernel keeps the
+    order itself."""
+    if index.device.type != "cpu" and not distinct:
+        index = _last_writers(index)
+    copy(fields, index, values, scatter=True)

@@ -21,6 +21,7 @@ def scatter_rows_op(fields: list[Tensor], index: Tensor, values: list[Tensor]) -
     """fields[f][index[j]] = values[f][j] for index[j] >= 0, the last of repeated indices winning.
     This body is the fallback, by the reference."""
     _dispatch.fallback("rows_copy", index)
+    _rows.check_range(_OP, index, fields[0].shape[0], -1)
     with torch.no_grad():
         for f, new in zip(fields, reference.scatter_rows_ref(fields, index, values)):
             f.copy_(new)
@@ -31,23 +32,10 @@ def _(fields, index, values):
     return None
 
 
-def _last_writers(index: Tensor) -> Tensor:
-    """``index`` with all but the last of repeated values replaced by -1 (CUDA blocks copy rows
-    concurrently; the CPU kernel keeps the order itself)."""
-    pos = torch.arange(index.numel(), device=index.device)
-    winner = torch.full((int(index.numel()),), -1, dtype=torch.int64, device=index.device)
-    key = torch.where(index >= 0, index, 0)
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    winner = winner[:uniq.numel()].scatter_reduce_(0, inverse, pos, reduce="amax", include_self=True)
-    return torch.where((index >= 0) & (winner[inverse] == pos), index, -1)
-
-
 def _kernel(fields, index, values):
-    index = index.contiguous() if index.device.type == "cpu" else _last_writers(index)
-    values = [v.contiguous() for v in values]
     if any(not f.is_contiguous() for f in fields):  # written in place: the caller's tensor itself
         raise ValueError(f"{_OP}: every field must be contiguous (it is written in place)")
-    _rows.copy(fields, index, values, scatter=True)
+    _rows.scatter(fields, index.contiguous(), [v.contiguous() for v in values])
 
 
 def scatter_rows_(fields: Sequence[Tensor], index: Tensor, values: Sequence[Tensor]) -> Sequence[Tensor]:
@@ -85,7 +73,7 @@ def scatter_rows_(fields: Sequence[Tensor], index: Tensor, values: Sequence[Tens
             raise ValueError(f"{_OP}: values[{i}] must be on fields[{i}]'s device {f.device}, got {v.device}")
         if not f.is_contiguous():
             raise ValueError(f"{_OP}: fields[{i}] must be contiguous (it is written in place)")
-    if not torch.compiler.is_compiling():
+    if index.device.type != "cpu" and not torch.compiler.is_compiling():  # the CPU kernel checks itself
         _rows.check_range(_OP, index, fields[0].shape[0], -1)
     scatter_rows_op(fields, index.to(torch.int64), values)
     return fields
