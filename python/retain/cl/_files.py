@@ -93,3 +93,14 @@ def load_verified(path: str | os.PathLike, what: str, *, mmap: bool = False) -> 
         raise ValueError(f"{what}: {path!r} fails its checksum: the file was modified or corrupted after it was "
                          "written")
     return state
+
+
+def check_header(state, where: str, what: str, fmt: str, version: int, hint: str = "") -> None:
+    """``state`` is a dict of format ``fmt`` at ``version``; else a ValueError from ``where`` saying
+    it is not ``what`` (or of which version it is), with ``hint`` on what to do."""
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{where}: state is not {what} (format {fmt!r}), got {got!r}")
+    if state.get("version") != version:
+        raise ValueError(f"{where}: format version {state.get('version')} is not supported (this retain reads "
+                         f"version {version}){hint}")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from retain.cl._files import atomic_save
+from retain.cl._files import atomic_save, check_header
 from retain.ops.margin import ActivationStats, activation_stats, pack_tm_labels, tm_loss, tm_thresholds
 
 __all__ = ["GeRe", "forward_with_hidden", "gere_total_loss"]
@@ -384,13 +384,7 @@ class GeRe:
 
     @classmethod
     def from_state_dict(cls, state: dict, *, map_location=None, dim: int | None = None) -> "GeRe":
-        where = "state"
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{_NAME}.load: {where} is not a GeRe anchor (format {FORMAT!r}), got "
-                             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
-        if state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{_NAME}.load: anchor format version {state.get('version')} is not supported "
-                             f"(this retain reads version {FORMAT_VERSION}); rebuild it with GeRe.build")
+        check_header(state, f"{_NAME}.load", "a GeRe anchor", FORMAT, FORMAT_VERSION, "; rebuild it with GeRe.build")
         D = int(state["dim"])
         if dim is not None and D != dim:
             raise ValueError(f"{_NAME}.load: the anchor's hidden size is {D}, the model's {dim}")

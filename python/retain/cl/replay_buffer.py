@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from retain import _native
-from retain.cl._files import atomic_save, load_verified
+from retain.cl._files import atomic_save, check_header, load_verified
 from retain.ops._checks import dtype_name
 from retain.ops.replay import _rows
 from retain.ops.replay import (ClassBalancedState, MinTree, SumTree, class_balanced_slots, gather_rows,
@@ -470,12 +470,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output into this buffer (same capacity, policy and fields)."""
         where = f"{_NAME}.load_state_dict"
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a replay-buffer state (format {FORMAT!r}), got "
-                             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
-        if state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{where}: format version {state.get('version')} is not supported (this retain reads "
-                             f"version {FORMAT_VERSION})")
+        check_header(state, where, "a replay-buffer state", FORMAT, FORMAT_VERSION)
         for key, mine in (("capacity", self.capacity), ("policy", self.policy),
                           ("fields", {k: f.spec() for k, f in self.fields.items()})):
             if state.get(key) != mine:
