@@ -21,6 +21,8 @@
 #define __align__(n)
 #define __restrict__ __restrict
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
+struct dim3 { unsigned x, y, z; dim3(unsigned x = 1, unsigned y = 1, unsigned z = 1) : x(x), y(y), z(z) {} };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 typedef int cudaError_t;
 enum { cudaSuccess = 0 };
@@ -57,12 +59,12 @@ inline void wait(Bar& b) {
 }
 inline void entry() { body(); (*fibers)[cur].done = true; }
 template <class K, class... Args>
-void launch(K k, unsigned grid, unsigned block, size_t smem, cudaStream_t, Args... args) {
+void launch(K k, dim3 grid, unsigned block, size_t smem, cudaStream_t, Args... args) {
   if (smem > 48 * 1024 && emu_smem_optin < smem) { fprintf(stderr, "EMU: smem %zu without opt-in\n", smem); abort(); }
   if (block > 1024 || block % 32) { fprintf(stderr, "EMU: bad block %u\n", block); abort(); }
   std::vector<Fiber> fs(block);
   fibers = &fs;
-  for (unsigned b = 0; b < grid; ++b) {
+  for (unsigned b = 0; b < grid.x * grid.y * grid.z; ++b) {
     memset(emu_smem, 0xff, smem + 64);
     block_bar = Bar{int(block), 0, 0};
     warp_bars.assign(block / 32, Bar{32, 0, 0});
@@ -76,7 +78,8 @@ void launch(K k, unsigned grid, unsigned block, size_t smem, cudaStream_t, Args.
       fs[t].ctx.uc_link = &sched;
       makecontext(&fs[t].ctx, entry, 0);
     }
-    blockIdx.x = b; blockDim.x = block; gridDim.x = grid;
+    blockIdx = {b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y)};
+    blockDim.x = block; gridDim = {grid.x, grid.y, grid.z};
     std::vector<unsigned> order(block);
     for (unsigned t = 0; t < block; ++t) order[t] = t;
     static unsigned rs = 12345;
@@ -97,6 +100,8 @@ void launch(K k, unsigned grid, unsigned block, size_t smem, cudaStream_t, Args.
 }
 }  // namespace emu
 inline void __syncthreads() { emu::wait(emu::block_bar); }
+// Fibers share one OS thread and switch only at barriers: a plain read-modify-write is atomic.
+inline int atomicMax(int* p, int v) { const int old = *p; if (v > old) *p = v; return old; }
 template <class T> T __shfl_xor_sync(unsigned mask, T x, int o) {
   if (mask != 0xffffffffu) abort();
   const int tid = threadIdx.x, w = tid / 32, l = tid % 32;
