@@ -5,7 +5,7 @@
 # `noisy` flags and the before/after ceilings in the .md files, and rerun a file that has them.
 #
 #   bash bench/make_results.sh            # everything
-#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability large fisher
+#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability large fisher replay
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 R=bench/results
@@ -71,4 +71,10 @@ if [[ $what == all || $what == fisher ]]; then
   for model in mlp cnn; do
     python bench/fisher/consolidation.py --model $model --samples 512 --out $R/ewc_consolidation_cpu.md
   done
+fi
+# The replay family: row gathers/scatters per CPU build, and the workloads against cpprb, torchrl
+# and a Mammoth-style loop (the 1 GB checkpoint files go to a temporary folder under bench/).
+if [[ $what == all || $what == replay ]]; then
+  run --op gather_rows --op scatter_rows_ --cpu-capability all --json $R/replay_cpu.json --markdown $R/replay_cpu.md
+  RETAIN_BENCH_DIR=bench python bench/replay/workloads.py --out $R/replay_workloads_cpu.md
 fi

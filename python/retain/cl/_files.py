@@ -59,16 +59,25 @@ def atomic_save(state: dict, path: str | os.PathLike, *, with_checksum: bool = T
         state = {**state, _CHECKSUM: checksum(state)}
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".retain-", suffix=".tmp", dir=folder)
+    # the zip's own CRC-32s cost a second pass over the data and torch.load never checks them; our
+    # checksum covers the payload instead (without one, keep torch's)
+    crc = torch.serialization.get_crc32_options()
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        torch.serialization.set_crc32_options(not with_checksum)
+        os.close(fd)
+        torch.save(state, tmp)  # by path: torch's C++ writer, no Python-side copy of the data
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        torch.serialization.set_crc32_options(crc)
 
 
 def load_verified(path: str | os.PathLike, what: str, *, mmap: bool = False) -> dict:
