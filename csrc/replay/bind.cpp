@@ -32,8 +32,9 @@ void bind_replay(py::module_& m, bind::KernelTable& kernels) {
       [](auto dev, int64_t n_seen, int64_t batch, int64_t capacity, uint64_t seed, uintptr_t slots) {
         check_sizes({n_seen, batch}, kReservoir);
         check(capacity >= 1, kReservoir, "capacity must be >= 1");
-        RETAIN_LAUNCH(dev, replay::reservoir_slots)(n_seen, batch, capacity, seed,
-                                                    as_mut_ptr<int64_t>(slots, kReservoir, "slots", batch == 0));
+        RETAIN_CPU(replay::reservoir_slots_cpu)(n_seen, batch, capacity, seed,
+                                                as_mut_ptr<int64_t>(slots, kReservoir, "slots", batch == 0),
+                                                dev.threads);
       });
   bind::def<Cpu>(m, kernels, kBalanced, "class_balanced_slots",
       [](auto dev, uintptr_t labels, int64_t batch, int64_t classes, int64_t capacity, uintptr_t slot_labels,
@@ -41,19 +42,20 @@ void bind_replay(py::module_& m, bind::KernelTable& kernels) {
         const char* op = kBalanced;
         check_sizes({batch, classes}, op);
         check(capacity >= 1 && classes >= 1, op, "capacity and classes must be >= 1");
-        RETAIN_LAUNCH(dev, replay::class_balanced_slots)(
+        RETAIN_CPU(replay::class_balanced_slots_cpu)(
             as_ptr<int64_t>(labels, op, "labels", batch == 0), batch, classes, capacity,
             as_mut_ptr<int64_t>(slot_labels, op, "slot_labels"), as_mut_ptr<int64_t>(counts, op, "counts"),
             as_mut_ptr<int64_t>(seen, op, "seen"), as_mut_ptr<uint8_t>(full, op, "full"),
-            as_mut_ptr<int64_t>(size, op, "size"), seed, as_mut_ptr<int64_t>(slots, op, "slots", batch == 0));
+            as_mut_ptr<int64_t>(size, op, "size"), seed, as_mut_ptr<int64_t>(slots, op, "slots", batch == 0),
+            dev.threads);
       });
   bind::def<Cpu>(m, kernels, kTree, "tree_update",
       [](auto dev, int op, uintptr_t tree, int64_t leaves, uintptr_t idx, uintptr_t values, int64_t k) {
         check_leaves(leaves);
         check_sizes({k}, kTree);
-        RETAIN_LAUNCH(dev, replay::tree_update)(tree_op(op), as_mut_ptr<double>(tree, kTree, "tree"), leaves,
+        RETAIN_CPU(replay::tree_update_cpu)(tree_op(op), as_mut_ptr<double>(tree, kTree, "tree"), leaves,
                                                 as_ptr<int64_t>(idx, kTree, "idx", k == 0),
-                                                as_ptr<double>(values, kTree, "values", k == 0), k);
+                                            as_ptr<double>(values, kTree, "values", k == 0), k, dev.threads);
       });
 #ifdef RETAIN_WITH_CUDA
   bind::def<Cuda>(m, kernels, kTree, "tree_update",

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import retain
 from retain.cl import ReplayBuffer
 from retain.ops.replay import reference as ref
+from tests.helpers import DEVICES, assert_close
 from tests.ops.replay.stats import assert_fits
 
 FIELDS = {"x": ((3,), torch.float32), "y": ((), torch.long)}
@@ -234,18 +235,21 @@ def test_damaged_and_foreign_files_are_refused_with_a_reason(tmp_path):
     with pytest.raises(ValueError, match=r"ReplayBuffer.load: .*fails its checksum"):
         fresh.load(tmp_path / "flip.pt")
     (tmp_path / "cut.pt").write_bytes(bytes(data[:len(data) // 2]))
-    with pytest.raises(ValueError, match=r"ReplayBuffer.load: .*not a readable retain file \(truncated or corrupt"):
+    with pytest.raises(ValueError, match=r"ReplayBuffer.load: .* is truncated: \d+ bytes, its header describes \d+"):
         fresh.load(tmp_path / "cut.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"ReplayBuffer.load: .* is empty"):
         fresh.load(tmp_path / "empty.pt")
-    torch.save({"evil": _Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=r"holds objects other than tensors and plain values.*refusing") as e:
+    torch.save({"evil": _Evil()}, tmp_path / "evil.pt")  # a pickle: refused before anything is read from it
+    with pytest.raises(ValueError, match=r"is not a retain tensor file \(no retain header\); retain loads only "
+                                         r"files it wrote and never unpickles") as e:
         fresh.load(tmp_path / "evil.pt")
     assert "weights_only=False" not in str(e.value)
-    torch.save({"format": "x"}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match=r"has no checksum: not a file retain wrote"):
-        fresh.load(tmp_path / "plain.pt")
+    header = bytearray(data)
+    header[20] ^= 0xFF  # inside the JSON header
+    (tmp_path / "header.pt").write_bytes(bytes(header))
+    with pytest.raises(ValueError, match=r"has a corrupt header|fails its checksum"):
+        fresh.load(tmp_path / "header.pt")
     with pytest.raises(ValueError, match=r"the saved buffer's capacity is 8, this buffer's 9"):
         ReplayBuffer(9, FIELDS).load(path)
     with pytest.raises(ValueError, match=r"the saved buffer's fields is"):
@@ -315,6 +319,28 @@ def test_bad_sample_and_priorities():
         ReplayBuffer(4, FIELDS).update_priorities(torch.tensor([0]), torch.tensor([1.0]))
     with pytest.raises(ValueError, match=r"scope='global' needs an initialised|scope must be"):
         ReplayBuffer(4, FIELDS).sample(1, scope="everywhere")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["reservoir", "ring", "prioritized"])
+def test_every_policy_on_every_device_matches_the_cpu(device, policy):
+    runs = {}
+    for dev in ("cpu", device):
+        buf = ReplayBuffer(16, {**FIELDS, "h": ((4,), torch.float32, "uint8")}, policy=policy, device=dev, seed=2)
+        drawn = []
+        for step in range(5):
+            items = _items(8 * step, 8)
+            items["h"] = items["x"][:, :1].expand(8, 4) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+            buf.add(items)
+            s = buf.sample(5)
+            assert s["x"].device.type == torch.device(dev).type
+            drawn.append({k: v.cpu() for k, v in s.items()})
+            if policy == "prioritized":
+                buf.update_priorities(s["index"], s["y"].double().to(dev) % 3)
+        runs[dev] = (drawn, {k: v.cpu() for k, v in buf.contents().items()})
+    (a, ca), (b, cb) = runs["cpu"], runs[device]
+    for want, got in [(x[k], y[k]) for x, y in zip(a, b) for k in x] + [(ca[k], cb[k]) for k in ca]:
+        assert_close(got, want) if want.is_floating_point() else torch.testing.assert_close(got, want)
 
 
 def test_iteration_and_repr():

@@ -401,7 +401,7 @@ class GeRe:
     def save(self, path: str | os.PathLike) -> None:
         """Write the anchor to ``path`` atomically (a temporary file in the same folder, fsync,
         rename): a crash never leaves a half-written anchor behind."""
-        atomic_save(self.state_dict(), path, with_checksum=False)
+        atomic_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location=None, dim: int | None = None) -> "GeRe":

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from retain import _native
-from retain.cl._files import atomic_save, check_header, load_verified
+from retain.cl._files import check_header, load_tensor_file, save_tensor_file
 from retain.ops._checks import dtype_name
 from retain.ops.replay import _rows
 from retain.ops.replay import (ClassBalancedState, MinTree, SumTree, class_balanced_slots, gather_rows,
@@ -517,10 +517,11 @@ class ReplayBuffer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (temporary file, fsync, rename: a crash
-        mid-save leaves the previous checkpoint intact) with a checksum of the whole payload."""
-        atomic_save(self.state_dict(), path)
+        mid-save leaves the previous checkpoint intact) as a retain tensor file: a JSON header and
+        the raw tensor bytes, with a checksum of the whole payload (``retain/cl/_files.py``)."""
+        save_tensor_file(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint :meth:`save` wrote, after verifying its checksum; never unpickles
         arbitrary objects. A truncated, corrupted or mismatched file raises a ValueError saying so."""
-        self.load_state_dict(load_verified(path, f"{_NAME}.load", mmap=True))
+        self.load_state_dict(load_tensor_file(path, f"{_NAME}.load"))
