@@ -1,12 +1,15 @@
-// CPU kernels of replay/rows.h. Gathers split the work by (row, field); scatters by (field, column
-// block) with every unit walking all rows in order, so repeated indices resolve to the last writer
-// without locks or a dedup pass.
+// CPU kernels of replay/rows.h. Gathers, and scatters whose indices are distinct (what the slot
+// functions return), split the work by (row, field). A scatter with repeated indices splits it by
+// (field, column block) instead, every unit walking all rows in order, so the last writer wins
+// without locks.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
+#include "common/buffer.h"
 #include "common/cpu_capability.h"
 #include "common/parallel.h"
+#include "replay/rng.h"
 #include "replay/rows.h"
 
 namespace retain::replay {
@@ -24,6 +27,23 @@ Field field(const int64_t* table, int64_t f) {
   return {reinterpret_cast<char*>(table[3 * f]), reinterpret_cast<char*>(table[3 * f + 1]), table[3 * f + 2]};
 }
 
+// Whether a non-negative index occurs twice: an open-addressing set of 2k entries, O(k).
+bool has_repeats(const int64_t* idx, int64_t k) {
+  int64_t size = 1;
+  while (size < 2 * k) size <<= 1;
+  Buffer<int64_t> set(size);
+  set.fill(-1);
+  const auto mask = static_cast<uint64_t>(size - 1);
+  for (int64_t j = 0; j < k; ++j) {
+    if (idx[j] < 0) continue;
+    uint64_t h = splitmix64(static_cast<uint64_t>(idx[j])) & mask;
+    while (set.data()[h] >= 0 && set.data()[h] != idx[j]) h = (h + 1) & mask;
+    if (set.data()[h] == idx[j]) return true;
+    set.data()[h] = idx[j];
+  }
+  return false;
+}
+
 }  // namespace
 
 template <CpuCapability C>
@@ -35,13 +55,17 @@ int64_t rows_copy_cpu(const int64_t* table, int64_t fields, const int64_t* idx, 
   if (bad) return bad;
   int64_t total_bytes = 0;
   for (int64_t f = 0; f < fields; ++f) total_bytes += field(table, f).row_bytes;
-  if (!scatter) {
+  if (!scatter || !has_repeats(idx, k)) {
     const int64_t avg = fields ? total_bytes / fields + 1 : 1;
     parallel_for(k * fields, avg, nthreads, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const Field fd = field(table, u % fields);
         const int64_t j = u / fields;
-        std::memcpy(fd.batch + j * fd.row_bytes, fd.storage + idx[j] * fd.row_bytes, fd.row_bytes);
+        if (scatter) {
+          if (idx[j] >= 0) std::memcpy(fd.storage + idx[j] * fd.row_bytes, fd.batch + j * fd.row_bytes, fd.row_bytes);
+        } else {
+          std::memcpy(fd.batch + j * fd.row_bytes, fd.storage + idx[j] * fd.row_bytes, fd.row_bytes);
+        }
       }
     });
     return 0;
