@@ -1,0 +1,46 @@
+"""Pure-PyTorch reference of the cache family (memory caching, csrc/cache/README.md once the
+kernels land): the cached readout with every per-segment readout materialised ``[B, T, NS, H, V]``
+— the tests' oracle, and the fallback."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MODES = ("residual", "gated", "soup", "sparse")
+
+
+def cached_readout_ref(q: Tensor, u: Tensor, states: Tensor, seg_keys: Tensor, o_online: Tensor,
+                       online_keys: Tensor | None, *, segment_len: int, mode: str = "residual",
+                       top_k: int | None = None, scale: float | None = None) -> Tensor:
+    """y_t for every token t of segment s = t // L, reading the cached states i < s:
+
+    - residual: y = o_t + Σ_{i<s} S_iᵀ(scale·q_t)
+    - gated, soup: γ = softmax({⟨u_t, c_i⟩}_{i<s} ∪ {⟨u_t, c_{s,t}⟩}); y = γ_s o_t + Σ_{i<s} γ_i S_iᵀ(scale·q_t)
+      (soup, the average of memories' parameters, is the same value for linear memories)
+    - sparse: as gated over the top_k cached segments by ⟨u_t, c_i⟩ (the online one always in);
+      the selection is not differentiated, the gate over the selected ones is.
+
+    q, u [B, T, H, K]; states [B, NS, H, K, V]; seg_keys [B, NS, H, K]; o_online [B, T, H, V];
+    online_keys [B, T, H, K] (gated, soup, sparse). Returns [B, T, H, V].
+    """
+    B, T, H, K = q.shape
+    NS = states.shape[1]
+    scale = K ** -0.5 if scale is None else scale
+    seg = torch.arange(T, device=q.device) // segment_len  # [T]
+    visible = torch.arange(NS, device=q.device)[None, :] < seg[:, None]  # [T, NS]: cached i < s
+    reads = torch.einsum("bthk,bihkv->btihv", q * scale, states)  # [B, T, NS, H, V]
+    if mode == "residual":
+        return o_online + (reads * visible[None, :, :, None, None].to(reads.dtype)).sum(2)
+    logits = torch.einsum("bthk,bihk->btih", u, seg_keys)  # [B, T, NS, H]
+    keep = visible[None, :, :, None].expand_as(logits)
+    if mode == "sparse" and top_k is not None and top_k < NS:
+        with torch.no_grad():
+            ranked = logits.masked_fill(~keep, float("-inf"))
+            top = ranked.topk(top_k, dim=2).indices
+            chosen = torch.zeros_like(keep).scatter_(2, top, True)
+        keep = keep & chosen
+    online = (u * online_keys).sum(-1)  # [B, T, H]
+    z = torch.cat([logits.masked_fill(~keep, float("-inf")), online[:, :, None]], dim=2)
+    gamma = torch.softmax(z, dim=2)  # [B, T, NS + 1, H]
+    return gamma[:, :, NS, :, None] * o_online + (gamma[:, :, :NS, :, None] * reads).sum(2)
