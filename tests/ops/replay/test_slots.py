@@ -10,7 +10,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import retain
 from retain import _native
 from retain.ops import ClassBalancedState, class_balanced_slots, reservoir_slots, ring_slots
 from retain.ops.replay import reference as ref
