@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from retain.cl import GeRe, forward_with_hidden, gere_total_loss
+from retain.cl._files import save_tensor_file
 from retain.ops import activation_stats, unpack_tm_labels
 from retain.ops.margin import ActivationStats
 from retain.ops.margin import reference
@@ -224,15 +225,44 @@ def test_load_rejects_other_files(tmp_path):
         ({**state, "labels": state["labels"][:, :2]}, r"labels must be packed uint8 \[tokens, ceil\(D/4\) = 6\]"),
         ({**state, "offsets": state["offsets"] + 1}, "offsets must rise from 0"),
     ]
+    cases.append(({k: v for k, v in state.items() if k != "dim"}, r"the anchor lacks \['dim'\]"))
     for i, (bad, match) in enumerate(cases):
-        p = tmp_path / f"bad{i}.pt"
-        torch.save(bad, p)
-        with pytest.raises(ValueError, match=match):
-            GeRe.load(p)
+        for write in (save_tensor_file, torch.save):  # the file format, and an earlier version's torch.save zip
+            p = tmp_path / f"bad{i}.pt"
+            write(bad, p)
+            with pytest.raises(ValueError, match=match):
+                GeRe.load(p)
     p = tmp_path / "ok.pt"
     gere.save(p)
     with pytest.raises(ValueError, match="the anchor's hidden size is 24, the model's 32"):
         GeRe.load(p, dim=32)
+
+
+def test_damaged_anchor_files_are_refused_and_old_ones_still_load(tmp_path):
+    gere = GeRe.build(TinyLM(), replay_set(), layer="norm")
+    path = tmp_path / "anchor.pt"
+    gere.save(path)
+    data = path.read_bytes()
+    labels = gere.labels.numpy().tobytes()
+    at = data.find(labels)
+    assert at > 0
+    flipped = bytearray(data)
+    flipped[at + 3] ^= 0x01  # one bit of one 2-bit label
+    (tmp_path / "flip.pt").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"GeRe.load: .*fails its checksum"):
+        GeRe.load(tmp_path / "flip.pt")
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=r"GeRe.load: .*is truncated"):
+        GeRe.load(tmp_path / "cut.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"GeRe.load: .*is empty"):
+        GeRe.load(tmp_path / "empty.pt")
+    (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 64)  # a broken zip of an earlier version
+    with pytest.raises(ValueError, match=r"GeRe.load: .*not a readable retain file \(truncated or corrupt") as e:
+        GeRe.load(tmp_path / "zip.pt")
+    assert "weights_only=False" not in str(e.value)
+    torch.save(gere.state_dict(), tmp_path / "old.pt")  # an anchor an earlier retain wrote
+    assert torch.equal(GeRe.load(tmp_path / "old.pt").labels, gere.labels)
 
 
 def test_bad_input_errors():

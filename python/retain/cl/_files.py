@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 import tempfile
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,11 +75,6 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def atomic_save(state: dict, path: str | os.PathLike) -> None:
-    """``torch.save(state)`` to ``path`` atomically (by path: torch's C++ writer)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
 # The tensor file: MAGIC, the header's length (uint64 little-endian), the header (JSON: the state with
 # every tensor replaced by {"tensor": i}, each tensor's dtype, shape and offset, the checksum), then
 # each tensor's bytes at a 64-byte aligned offset. Written with one write() per tensor (torch.save's
@@ -136,6 +133,29 @@ def save_tensor_file(state: dict, path: str | os.PathLike) -> None:
             f.flush()
 
     atomic_write(path, write)
+
+
+def is_tensor_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a retain tensor file (an earlier retain wrote torch.save zips)."""
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def load_torch_file(path: str | os.PathLike, what: str) -> dict:
+    """A dict an earlier retain wrote with torch.save: weights-only (nothing but tensors and plain
+    values is unpickled), errors that say what is wrong with the file; no checksum to verify."""
+    path = os.fspath(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: never advise turning it off
+        raise ValueError(f"{what}: {path!r} holds objects other than tensors and plain values, which retain never "
+                         f"writes; refusing to load it ({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{what}: {path!r} is not a readable retain file (truncated or corrupt: "
+                         f"{type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: {path!r} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def load_tensor_file(path: str | os.PathLike, what: str) -> dict:

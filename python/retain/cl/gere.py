@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from retain.cl._files import atomic_save, check_header
+from retain.cl._files import check_header, is_tensor_file, load_tensor_file, load_torch_file, save_tensor_file
 from retain.ops.margin import ActivationStats, activation_stats, pack_tm_labels, tm_loss, tm_thresholds
 
 __all__ = ["GeRe", "forward_with_hidden", "gere_total_loss"]
@@ -385,6 +385,9 @@ class GeRe:
     @classmethod
     def from_state_dict(cls, state: dict, *, map_location=None, dim: int | None = None) -> "GeRe":
         check_header(state, f"{_NAME}.load", "a GeRe anchor", FORMAT, FORMAT_VERSION, "; rebuild it with GeRe.build")
+        missing = sorted({"dim", "k", "layer", "count", "mean", "m2", "labels", "offsets", "groups"} - set(state))
+        if missing:
+            raise ValueError(f"{_NAME}.load: the anchor lacks {missing} (truncated or not written by GeRe.save)")
         D = int(state["dim"])
         if dim is not None and D != dim:
             raise ValueError(f"{_NAME}.load: the anchor's hidden size is {D}, the model's {dim}")
@@ -400,14 +403,23 @@ class GeRe:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the anchor to ``path`` atomically (a temporary file in the same folder, fsync,
-        rename): a crash never leaves a half-written anchor behind."""
-        atomic_save(self.state_dict(), path)
+        rename: a crash never leaves a half-written anchor behind) as a retain tensor file, with a
+        checksum of the whole payload that :meth:`load` verifies."""
+        save_tensor_file(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location=None, dim: int | None = None) -> "GeRe":
-        """Read an anchor written by :meth:`save` (tensors only: ``weights_only`` loading). Checks
-        the format, its version and the shapes; ``dim`` checks the hidden size against the model's."""
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        """Read an anchor written by :meth:`save`: its checksum verified, nothing unpickled (anchors of
+        earlier versions, torch.save zips, load weights-only and carry no checksum). Checks the
+        format, its version, the keys and the shapes; ``dim`` checks the hidden size against the
+        model's. A truncated, empty, modified or foreign file raises a ValueError saying so."""
+        where = f"{_NAME}.load"
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where}: no file at {path!r}")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{where}: {path!r} is empty (an interrupted copy?)")
+        state = load_tensor_file(path, where) if is_tensor_file(path) else load_torch_file(path, where)
         return cls.from_state_dict(state, map_location=map_location, dim=dim)
 
     def __repr__(self) -> str:
