@@ -430,7 +430,8 @@ class ReplayBuffer:
         mine = torch.nonzero(owner == rank).flatten()
         local = (requested[mine] - starts[rank]).to(self.device)
         names = list(self._columns)
-        rows = [self._gather(local)[c] for c in names]
+        gathered = self._gather(local)  # once: every column's rows
+        rows = [gathered[c] for c in names]
         # every requested row, as bytes, from its owner: zero elsewhere, so a sum is exact
         widths = [(self._columns[c][0].numel() * self._columns[c].element_size()) for c in names]
         packed = torch.zeros(world * n, sum(widths), dtype=torch.uint8, device=comm)

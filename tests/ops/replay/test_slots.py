@@ -213,6 +213,16 @@ def test_class_balanced_bad_input(case):
                      dict(labels=torch.tensor([0, 1]), state=ClassBalancedState.empty(4, 3)), case)
 
 
+def test_a_hand_built_state_of_the_wrong_dtype_or_size_is_refused():
+    st = ClassBalancedState.empty(4, 3)
+    bad = ClassBalancedState(st.slot_labels.int(), st.counts, st.seen, st.full, st.size)
+    with pytest.raises(TypeError, match=r"class_balanced_slots: state.slot_labels must be a contiguous CPU int64"):
+        class_balanced_slots(torch.tensor([0]), bad)
+    bad = ClassBalancedState(st.slot_labels, st.counts, st.seen[:2], st.full, st.size)
+    with pytest.raises(ValueError, match=r"class_balanced_slots: state.seen has shape \(2,\), inconsistent"):
+        class_balanced_slots(torch.tensor([0]), bad)
+
+
 def test_class_balanced_state_dict_round_trip_and_mismatch():
     a = ClassBalancedState.empty(8, 3)
     class_balanced_slots(torch.tensor([0, 1, 2, 2, 2, 2, 2, 2, 2, 1]), a, generator=_gen(0))

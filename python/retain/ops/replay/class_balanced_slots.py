@@ -44,6 +44,21 @@ class ClassBalancedState:
     def classes(self) -> int:
         return self.counts.numel()
 
+    def check(self, op: str) -> None:
+        """The tensors the kernel writes through raw pointers: CPU, contiguous, of their dtypes and
+        consistent sizes (a hand-built state must not corrupt memory)."""
+        specs = (("slot_labels", torch.int64, None), ("counts", torch.int64, self.classes),
+                 ("seen", torch.int64, self.classes), ("full", torch.bool, self.classes), ("size", torch.int64, None))
+        for name, dtype, n in specs:
+            t = getattr(self, name)
+            if not isinstance(t, Tensor) or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+                raise TypeError(f"{op}: state.{name} must be a contiguous CPU {dtype_name(dtype)} tensor, got "
+                                f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+            if (n is not None and t.shape != (n,)) or (name == "size" and t.dim() != 0) or \
+                    (name == "slot_labels" and (t.dim() != 1 or t.numel() < 1)):
+                raise ValueError(f"{op}: state.{name} has shape {tuple(t.shape)}, inconsistent with the state "
+                                 f"(build it with ClassBalancedState.empty)")
+
     def state_dict(self) -> dict[str, Tensor]:
         return {k: getattr(self, k).clone() for k in ("slot_labels", "counts", "seen", "full", "size")}
 
@@ -95,6 +110,7 @@ def class_balanced_slots(labels: Tensor, state: ClassBalancedState, *, generator
         raise TypeError(f"{_OP}: labels must be an integer tensor, got {dtype_name(labels)}")
     if not isinstance(state, ClassBalancedState):
         raise TypeError(f"{_OP}: state must be a retain.ops.ClassBalancedState, got {type(state).__name__}")
+    state.check(_OP)
     _common.check_generator(_OP, generator)
     y = labels.to("cpu", torch.int64).contiguous()
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= state.classes):
