@@ -26,6 +26,7 @@ void bind_scan(py::module_& m, bind::KernelTable& kernels);
 void bind_margin(py::module_& m, bind::KernelTable& kernels);
 void bind_fisher(py::module_& m, bind::KernelTable& kernels);
 void bind_replay(py::module_& m, bind::KernelTable& kernels);
+void bind_cache(py::module_& m, bind::KernelTable& kernels);
 
 namespace {
 
@@ -93,5 +94,6 @@ PYBIND11_MODULE(_C, m) {
   retain::bind_margin(m, kernels);
   retain::bind_fisher(m, kernels);
   retain::bind_replay(m, kernels);
+  retain::bind_cache(m, kernels);
   m.attr("kernels") = kernels.to_dict();
 }

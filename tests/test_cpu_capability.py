@@ -186,7 +186,7 @@ KERNEL_SOURCES = ["scan/linear_recurrence_cpu.cpp", "scan/memory_scan_cpu.cpp", 
                   "margin/kl_imitation_cpu.cpp", "margin/feature_imitation_cpu.cpp",
                   "fisher/grad_moments_cpu.cpp", "fisher/rank1_dots_cpu.cpp", "fisher/ewc_penalty_cpu.cpp",
                   "fisher/si_importance_cpu.cpp", "replay/slots_cpu.cpp", "replay/segment_tree_cpu.cpp",
-                  "replay/rows_cpu.cpp"]
+                  "replay/rows_cpu.cpp", "cache/cached_readout_cpu.cpp"]
 
 
 def test_kernel_sources_are_the_ones_cmake_builds():

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 import retain
+from retain.ops.cache import reference as cache_ref
 from retain.ops.fisher import reference as fisher_ref
 from retain.ops.margin import reference as margin_ref
 from retain.ops.replay import reference as replay_ref
@@ -151,6 +152,23 @@ def _ewc_grad_ref(params, anchors, diag, mu):
     return fisher_ref.ewc_penalty_ref(params, anchors, **kw), fisher_ref.ewc_penalty_grads_ref(params, anchors, **kw)
 
 
+def _cache_inputs(seed: int, B=1, T=7, H=2, K=3, V=4, L=3) -> dict[str, Any]:
+    g = _gen(seed)
+    ns = -(-T // L) - 1
+    return dict(q=_randn(g, B, T, H, K), u=_randn(g, B, T, H, K), states=_randn(g, B, ns, H, K, V) / 2,
+                seg_keys=_randn(g, B, ns, H, K), o_online=_randn(g, B, T, H, V), online_keys=_randn(g, B, T, H, K))
+
+
+def _cached_readouts(fn):
+    """Every mode of the cached readout in one case: residual, gated, sparse top-1."""
+    def run(q, u, states, seg_keys, o_online, online_keys):
+        kw = dict(segment_len=3, scale=0.7)
+        return (fn(q, u, states, seg_keys, o_online, online_keys, **kw, mode="residual"),
+                fn(q, u, states, seg_keys, o_online, online_keys, **kw, mode="gated"),
+                fn(q, u, states, seg_keys, o_online, online_keys, **kw, mode="sparse", top_k=1))
+    return run
+
+
 ops = retain.ops
 CASES: list[OpCase] = [
     OpCase("linear_recurrence", _linear_recurrence_inputs,
@@ -238,6 +256,11 @@ CASES: list[OpCase] = [
     OpCase("importance_weights", lambda s: dict(prob=torch.rand(6, generator=_gen(s), dtype=F64) + 0.1),
            lambda prob: ops.importance_weights(prob, beta=0.6),
            lambda prob: (prob / prob.min()).pow(-0.6).float(), native=False, nan_input="prob"),
+    OpCase("cached_readout", _cache_inputs,
+           _cached_readouts(lambda q, u, states, seg_keys, o_online, online_keys, **kw: ops.cached_readout(
+               q, u, states, seg_keys, o_online, online_keys=online_keys, **kw)),
+           _cached_readouts(cache_ref.cached_readout_ref),
+           grads=("q", "u", "states", "seg_keys", "o_online", "online_keys"), nan_input="o_online"),
     OpCase("segment_mean", lambda s: dict(x=_randn(_gen(s), 2, 7, 2, 3)),
            lambda x: ops.segment_mean(x, 3, causal=True),
            lambda x: torch.stack([x[:, (t // 3) * 3:t + 1].mean(1) for t in range(x.shape[1])], 1),

@@ -3,7 +3,7 @@ registrations, so it runs in eager mode, under ``torch.compile(fullgraph=True)``
 ``torch.export``. Every op has a pure-PyTorch reference in ``retain.ops.<family>.reference``.
 """
 
-from retain.ops.cache import segment_mean
+from retain.ops.cache import cached_readout, segment_mean
 from retain.ops.fisher import (
     ewc_penalty,
     ewc_penalty_grad_,
@@ -44,4 +44,4 @@ __all__ = [
     "ewc_penalty", "ewc_penalty_grad_", "fisher_accumulate_", "mas_accumulate_", "rank1_accumulate_", "rank1_coefficient",
     "si_accumulate_", "si_consolidate_",
     "ClassBalancedState", "MinTree", "SumTree", "class_balanced_slots", "gather_rows", "importance_weights",
-    "reservoir_slots", "ring_slots", "scatter_rows_", "view_batch_indices", "segment_mean", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]
+    "reservoir_slots", "ring_slots", "scatter_rows_", "view_batch_indices", "cached_readout", "segment_mean", "linear_attn", "linear_recurrence", "memory_scan", "titans_linear"]

@@ -12,8 +12,8 @@ MODES = ("residual", "gated", "soup", "sparse")
 
 def cached_readout_ref(q: Tensor, u: Tensor, states: Tensor, seg_keys: Tensor, o_online: Tensor,
                        online_keys: Tensor | None, *, segment_len: int, mode: str = "residual",
-                       top_k: int | None = None, scale: float | None = None) -> Tensor:
-    """y_t for every token t of segment s = t // L, reading the cached states i < s:
+                       top_k: int | None = None, scale: float | None = None, start: int = 0) -> Tensor:
+    """y_t for every token t of segment s = (start + t) // L, reading the cached states i < s:
 
     - residual: y = o_t + Σ_{i<s} S_iᵀ(scale·q_t)
     - gated, soup: γ = softmax({⟨u_t, c_i⟩}_{i<s} ∪ {⟨u_t, c_{s,t}⟩}); y = γ_s o_t + Σ_{i<s} γ_i S_iᵀ(scale·q_t)
@@ -22,12 +22,14 @@ def cached_readout_ref(q: Tensor, u: Tensor, states: Tensor, seg_keys: Tensor, o
       the selection is not differentiated, the gate over the selected ones is.
 
     q, u [B, T, H, K]; states [B, NS, H, K, V]; seg_keys [B, NS, H, K]; o_online [B, T, H, V];
-    online_keys [B, T, H, K] (gated, soup, sparse). Returns [B, T, H, V].
+    online_keys [B, T, H, K] (gated, soup, sparse). ``start``: the position of token 0 in its
+    sequence (a continuation's: retain.nn.CachedMemory's decode path; the op starts at 0).
+    Returns [B, T, H, V].
     """
     B, T, H, K = q.shape
     NS = states.shape[1]
     scale = K ** -0.5 if scale is None else scale
-    seg = torch.arange(T, device=q.device) // segment_len  # [T]
+    seg = (start + torch.arange(T, device=q.device)) // segment_len  # [T]
     visible = torch.arange(NS, device=q.device)[None, :] < seg[:, None]  # [T, NS]: cached i < s
     reads = torch.einsum("bthk,bihkv->btihv", q * scale, states)  # [B, T, NS, H, V]
     if mode == "residual":

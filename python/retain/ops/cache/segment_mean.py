@@ -3,6 +3,8 @@ summaries), whole-segment or causal (plain PyTorch, differentiable)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -44,8 +46,8 @@ def segment_mean(x: Tensor, segment_len: int, *, causal: bool = False) -> Tensor
     if not isinstance(causal, bool):
         raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
     B, T, rest, L = x.shape[0], x.shape[1], x.shape[2:], segment_len
-    ns = -(-T // L)
-    padded = torch.nn.functional.pad(x.reshape(B, T, -1), (0, 0, 0, ns * L - T)).reshape(B, ns, L, -1)
+    ns, D = -(-T // L), math.prod(rest)  # D explicit: -1 is ambiguous for empty tensors
+    padded = torch.nn.functional.pad(x.reshape(B, T, D), (0, 0, 0, ns * L - T)).reshape(B, ns, L, D)
     pos = torch.arange(ns * L, device=x.device).reshape(ns, L)
     if causal:
         count = (pos % L + 1).to(x.dtype)[..., None]

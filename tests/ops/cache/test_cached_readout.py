@@ -1,0 +1,226 @@
+"""retain.ops.cached_readout's kernel against the materialising reference, beyond the contract test:
+every dtype and mode, shapes at the kernel's boundaries (T not a multiple of L, one segment, L = 1,
+token chunks of the state pass, head dimensions that are not whole vectors), hypothesis over shapes
+and top_k, causality of every mode, the gradients of states no token reads, sparse top-1 by hand,
+NaN, and every bad-input error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retain.ops import cached_readout, segment_mean
+from retain.ops.cache.reference import cached_readout_ref
+from tests.helpers import KERNEL_DTYPES, assert_bad_input, assert_close
+
+pytestmark = pytest.mark.usefixtures("cpu_capability")
+
+F64 = torch.float64
+NAMES = ("q", "u", "states", "seg_keys", "o_online", "online_keys")
+MODES = [("residual", None), ("gated", None), ("soup", None), ("sparse", 1), ("sparse", 2), ("sparse", 50)]
+
+
+def make(seed, B=2, T=11, H=2, K=5, V=4, L=3, extra=0, dtype=F64):
+    """Inputs by name: NS = the states the tokens read + `extra` that nothing reads."""
+    g = torch.Generator().manual_seed(seed)
+    ns = max(-(-T // L) - 1, 0) + extra
+    k = torch.randn(B, T, H, K, generator=g, dtype=F64)
+
+    def r(*shape, s=1.0):
+        return (torch.randn(shape, generator=g, dtype=F64) * s).to(dtype)
+
+    return dict(q=r(B, T, H, K), u=r(B, T, H, K), states=r(B, ns, H, K, V, s=0.5),
+                seg_keys=segment_mean(k, L)[:, :ns].contiguous().to(dtype) if ns <= -(-T // L) else r(B, ns, H, K),
+                o_online=r(B, T, H, V), online_keys=segment_mean(k, L, causal=True).to(dtype))
+
+
+def call(fn, d, L, mode, top_k):
+    return fn(d["q"], d["u"], d["states"], d["seg_keys"], d["o_online"], online_keys=d["online_keys"],
+              segment_len=L, mode=mode, top_k=top_k)
+
+
+def outputs_and_grads(fn, d, L, mode, top_k, seed=7, w_dtype=None):
+    """y and the gradients of <w, y> for a random w (rounded to ``w_dtype``, so a 16-bit kernel and
+    its float64 reference get the same w)."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in d.items()}
+    y = call(fn, leaves, L, mode, top_k)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    w = w.to(w_dtype or y.dtype).to(y.dtype)
+    grads = torch.autograd.grad((y * w).sum(), list(leaves.values()), allow_unused=True)
+    return y, dict(zip(leaves, grads))
+
+
+def check_against_reference(d, L, mode, top_k):
+    """The kernel's output and gradients in d's dtype against the reference in float64 of the same
+    (rounded) inputs, compared at d's dtype's tolerance."""
+    y, grads = outputs_and_grads(cached_readout, d, L, mode, top_k)
+    d64 = {n: t.to(F64) for n, t in d.items()}
+    y_ref, grads_ref = outputs_and_grads(cached_readout_ref, d64, L, mode, top_k, w_dtype=d["q"].dtype)
+    dtype = d["q"].dtype
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref.to(dtype), msg=f"y ({mode})")
+    for n in NAMES:
+        want = grads_ref[n]
+        if mode == "residual" and n in ("u", "seg_keys", "online_keys"):
+            assert grads[n] is None, n  # residual reads neither router nor summaries
+            continue
+        if want is None:  # the reference never touched it (e.g. no state is read)
+            want = torch.zeros_like(d64[n])
+        assert grads[n] is not None and grads[n].dtype == dtype, n
+        assert_close(grads[n], want.to(dtype), msg=f"grad {n} ({mode})")
+
+
+SHAPES = [
+    dict(B=2, T=11, H=2, K=5, V=4, L=3),            # T not a multiple of L, tiny heads
+    dict(B=1, T=40, H=3, K=20, V=19, L=8, extra=2),  # heads not whole vectors, states nobody reads
+    dict(B=1, T=33, H=1, K=64, V=64, L=4),           # whole vectors, many segments
+    dict(B=1, T=7, H=2, K=3, V=5, L=1),              # every token its own segment
+    dict(B=2, T=5, H=1, K=4, V=4, L=8),              # one segment: nothing cached (NS = 0)
+    dict(B=1, T=600, H=1, K=8, V=16, L=50),          # token chunks of the state pass (256)
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(str(v) for v in s.values()))
+@pytest.mark.parametrize("mode,top_k", MODES, ids=lambda m: str(m))
+def test_every_mode_matches_the_reference_at_the_kernel_boundaries(shape, mode, top_k):
+    check_against_reference(make(0, **shape), shape["L"], mode, top_k)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("mode,top_k", [("residual", None), ("gated", None), ("sparse", 2)], ids=str)
+def test_every_dtype(dtype, mode, top_k):
+    check_against_reference(make(1, B=1, T=26, H=2, K=16, V=24, L=5, dtype=dtype), 5, mode, top_k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 2), T=st.integers(1, 20), H=st.integers(1, 2),
+       K=st.integers(1, 9), V=st.integers(1, 9), L=st.integers(1, 6), extra=st.integers(0, 2),
+       mode=st.sampled_from(["residual", "gated", "sparse"]), top_k=st.integers(1, 4))
+def test_hypothesis_shapes_and_top_k(seed, B, T, H, K, V, L, extra, mode, top_k):
+    check_against_reference(make(seed, B=B, T=T, H=H, K=K, V=V, L=L, extra=extra), L, mode,
+                            top_k if mode == "sparse" else None)
+
+
+@pytest.mark.parametrize("mode,top_k", MODES, ids=str)
+def test_causal_a_later_token_or_state_never_changes_an_earlier_output(mode, top_k):
+    L, T = 3, 13
+    d = make(2, T=T, L=L)
+    y = call(cached_readout, d, L, mode, top_k)
+    for t in (0, 4, 9, 12):  # a token's own inputs reach outputs t' >= t only
+        e = {n: v.clone() for n, v in d.items()}
+        for n in ("q", "u", "o_online", "online_keys"):
+            e[n][:, t] += 10.0
+        changed = call(cached_readout, e, L, mode, top_k)
+        assert torch.equal(changed[:, :t], y[:, :t]), t
+        assert not torch.equal(changed[:, t], y[:, t]), t
+    for i in range(d["states"].shape[1]):  # state i reaches the segments after i only
+        e = {n: v.clone() for n, v in d.items()}
+        e["states"][:, i] += 10.0
+        e["seg_keys"][:, i] += 1.0
+        changed = call(cached_readout, e, L, mode, top_k)
+        assert torch.equal(changed[:, :(i + 1) * L], y[:, :(i + 1) * L]), i
+
+
+@pytest.mark.parametrize("mode,top_k", [("residual", None), ("gated", None), ("sparse", 1)], ids=str)
+def test_states_no_token_reads_get_zero_gradients(mode, top_k):
+    d = make(3, T=10, L=4, extra=3)  # 3 segments read states 0, 1; states 2..4 are read by nobody
+    _, grads = outputs_and_grads(cached_readout, d, 4, mode, top_k)
+    assert grads["states"][:, 2:].abs().sum() == 0 and grads["states"][:, :2].abs().sum() > 0
+    if mode != "residual":
+        assert grads["seg_keys"][:, 2:].abs().sum() == 0 and grads["seg_keys"][:, :2].abs().sum() > 0
+
+
+def test_sparse_top_1_reads_the_best_cached_segment_by_hand():
+    L = 2
+    d = make(4, B=1, T=9, H=1, K=3, V=2, L=L)
+    y = call(cached_readout, d, L, "sparse", 1)
+    q, u, S, c, o, ok = (d[n][0, :, 0] if d[n].dim() == 4 else d[n][0, :, 0] for n in NAMES)
+    for t in range(9):
+        s = t // L
+        if s == 0:
+            assert_close(y[0, t, 0], o[t])
+            continue
+        best = int(torch.argmax(c[:s] @ u[t]))
+        z = torch.stack([c[best] @ u[t], ok[t] @ u[t]])
+        gam = torch.softmax(z, 0)
+        want = gam[0] * (S[best].T @ (q[t] * 3 ** -0.5)) + gam[1] * o[t]
+        assert_close(y[0, t, 0], want)
+
+
+@pytest.mark.parametrize("mode,top_k", [("residual", None), ("gated", None), ("sparse", 1)], ids=str)
+def test_nan_in_a_token_gives_nan_out_there_only(mode, top_k):
+    d = make(5, T=9, L=3)
+    d["q"][0, 7, 1, 0] = float("nan")
+    y = call(cached_readout, d, 3, mode, top_k)
+    assert y[0, 7, 1].isnan().all()  # token 7 (segment 2) reads states through q
+    y[0, 7, 1] = 0
+    assert not y.isnan().any()
+    d = make(5, T=9, L=3)
+    d["states"][0, 0, 0, 1, 2] = float("nan")  # state 0: read by segments 1 and 2 (residual, gated)
+    y = call(cached_readout, d, 3, mode, top_k)
+    if mode != "sparse":
+        assert y[0, 3:, 0, 2].isnan().all() and not y[0, :3].isnan().any()
+
+
+def test_soup_is_gated_and_float64_is_exact_to_rounding():
+    d = make(6, T=17, L=4)
+    assert torch.equal(call(cached_readout, d, 4, "soup", None), call(cached_readout, d, 4, "gated", None))
+
+
+def _base():
+    d = make(8, B=1, T=6, H=2, K=3, V=4, L=2)
+    return dict(**d, segment_len=2, mode="gated")
+
+
+def _op(q, u, states, seg_keys, o_online, **kw):
+    return cached_readout(q, u, states, seg_keys, o_online, **kw)
+
+
+BAD = [
+    ("q not a tensor", dict(q=[1.0]), TypeError, r"q must be a torch.Tensor"),
+    ("q 3-D", dict(q=torch.zeros(1, 6, 3, dtype=F64)), ValueError, r"q must have 4 dimensions"),
+    ("q int", dict(q=torch.zeros(1, 6, 2, 3, dtype=torch.int64)), TypeError, r"q must be a floating tensor"),
+    ("mode", dict(mode="mean"), ValueError, r"mode must be one of \('residual', 'gated', 'soup', 'sparse'\)"),
+    ("mode list", dict(mode=["gated"]), ValueError, r"mode must be one of"),
+    ("segment_len 0", dict(segment_len=0), ValueError, r"segment_len must be an int >= 1, got 0"),
+    ("segment_len float", dict(segment_len=2.0), ValueError, r"segment_len must be an int >= 1, got 2.0"),
+    ("o_online shape", dict(o_online=torch.zeros(1, 5, 2, 4, dtype=F64)), ValueError,
+     r"o_online must have shape \(1, 6, 2, 4\)"),
+    ("states 4-D", dict(states=torch.zeros(1, 2, 2, 3, dtype=F64)), ValueError, r"states must have 5 dimensions"),
+    ("states K", dict(states=torch.zeros(1, 2, 2, 4, 4, dtype=F64)), ValueError, r"states must have shape \(1, 2, 2, 3, 4\)"),
+    ("too few states", dict(states=torch.zeros(1, 1, 2, 3, 4, dtype=F64), seg_keys=torch.zeros(1, 1, 2, 3, dtype=F64)),
+     ValueError, r"states must hold the 2 cached states that T = 6 tokens in segments of 2 read .* got NS = 1"),
+    ("u missing", dict(u=None), ValueError, r"mode 'gated' needs u \[B, T, H, K\], got None"),
+    ("online_keys missing", dict(online_keys=None), ValueError, r"mode 'gated' needs online_keys"),
+    ("seg_keys missing", dict(seg_keys=None), ValueError, r"mode 'gated' needs seg_keys \[B, NS, H, K\]"),
+    ("seg_keys shape", dict(seg_keys=torch.zeros(1, 2, 2, 4, dtype=F64)), ValueError, r"seg_keys must have shape \(1, 2, 2, 3\)"),
+    ("u shape", dict(u=torch.zeros(1, 6, 2, 4, dtype=F64)), ValueError, r"u must have shape \(1, 6, 2, 3\)"),
+    ("dtype mix", dict(states=torch.zeros(1, 2, 2, 3, 4)), TypeError, r"states must have q's dtype float64, got float32"),
+    ("top_k for gated", dict(top_k=2), ValueError, r"top_k is for mode 'sparse', got top_k=2 with mode 'gated'"),
+    ("sparse without top_k", dict(mode="sparse"), ValueError, r"mode 'sparse' needs top_k"),
+    ("top_k 0", dict(mode="sparse", top_k=0), ValueError, r"top_k must be an int >= 1, got 0"),
+    ("top_k float", dict(mode="sparse", top_k=1.5), ValueError, r"top_k must be an int >= 1, got 1.5"),
+    ("scale string", dict(scale="half"), TypeError, r"scale must be a number, got str"),
+    ("K too big", dict(q=torch.zeros(1, 6, 2, 1025, dtype=F64)), ValueError, r"head dimension K must be in \[1, 1024\]"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input(case):
+    assert_bad_input("retain.ops.cached_readout", _op, _base(), case)
+
+
+def test_residual_takes_no_router():
+    d = make(9, T=8, L=3)
+    y = cached_readout(d["q"], None, d["states"], None, d["o_online"], segment_len=3)
+    assert_close(y, cached_readout_ref(d["q"], None, d["states"], None, d["o_online"], None, segment_len=3))
+
+
+def test_empty_sequences_and_batches():
+    for shape in (dict(B=0, T=4), dict(B=1, T=0), dict(B=1, T=4, H=0)):
+        d = make(10, **{**dict(B=1, T=4, H=2, K=3, V=2, L=2), **shape})
+        y, grads = outputs_and_grads(cached_readout, d, 2, "gated", None)
+        assert y.numel() == 0
+        assert all(g is None or g.abs().sum() == 0 for g in grads.values())
