@@ -24,6 +24,7 @@ using namespace retain::cache;
 
 using emu_check::cmp;
 using emu_check::nans;
+using emu_check::randn;
 using emu_check::val;
 
 constexpr auto kCpu = CpuCapability::Default;
@@ -38,14 +39,6 @@ struct Cfg {
   bool nan_router = false;  // a NaN in one token's router query: that token's gates are all NaN
   double scale = 0.37;
 };
-
-template <class T>
-std::vector<T> randn(std::mt19937& r, size_t n, double scale) {
-  std::normal_distribution<double> nd(0, 1);
-  std::vector<T> x(n);
-  for (auto& e : x) store_as(e, nd(r) * scale);
-  return x;
-}
 
 template <class T>
 double tol_of() {

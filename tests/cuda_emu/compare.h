@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,15 @@ template <class T>
 std::vector<T> nans(size_t n) {
   std::vector<T> x(n);
   for (auto& e : x) retain::store_as(e, std::numeric_limits<double>::quiet_NaN());
+  return x;
+}
+
+// n normal draws times `scale`, stored as T (rounded to 16 bits where T is).
+template <class T>
+std::vector<T> randn(std::mt19937& r, size_t n, double scale) {
+  std::normal_distribution<double> nd(0, 1);
+  std::vector<T> x(n);
+  for (auto& e : x) retain::store_as(e, nd(r) * scale);
   return x;
 }
 

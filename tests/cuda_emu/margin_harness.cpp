@@ -23,15 +23,8 @@ using namespace retain::margin;
 
 using emu_check::cmp;
 using emu_check::nans;
+using emu_check::randn;
 using emu_check::val;
-
-template <class T>
-std::vector<T> randn(std::mt19937& r, size_t n, double scale) {
-  std::normal_distribution<double> nd(0, 1);
-  std::vector<T> x(n);
-  for (auto& e : x) store_as(e, nd(r) * scale);
-  return x;
-}
 
 template <class T>
 double tol_of() {

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from retain.ops import cached_readout, segment_mean
 from retain.ops.cache.reference import cached_readout_ref
-from tests.helpers import KERNEL_DTYPES, assert_bad_input, assert_close
+from tests.helpers import KERNEL_DTYPES, assert_bad_input, assert_close, cuda_kernels_usable
 
 pytestmark = pytest.mark.usefixtures("cpu_capability")
 
@@ -224,3 +224,37 @@ def test_empty_sequences_and_batches():
         y, grads = outputs_and_grads(cached_readout, d, 2, "gated", None)
         assert y.numel() == 0
         assert all(g is None or g.abs().sum() == 0 for g in grads.values())
+
+
+requires_cuda = pytest.mark.skipif(not cuda_kernels_usable(), reason="needs a GPU and a build with CUDA kernels")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("mode,top_k", MODES, ids=str)
+def test_cuda_matches_the_reference_and_the_cpu_kernel(dtype, mode, top_k):
+    for shape in (dict(B=2, T=45, H=3, K=20, V=33, L=8, extra=1), dict(B=1, T=70, H=2, K=300, V=64, L=16)):
+        d = {n: t.cuda() for n, t in make(11, **shape, dtype=dtype).items()}
+        check_against_reference(d, shape["L"], mode, top_k)
+        y, grads = outputs_and_grads(cached_readout, d, shape["L"], mode, top_k)
+        y2, grads2 = outputs_and_grads(cached_readout, d, shape["L"], mode, top_k)
+        assert torch.equal(y, y2) and all(a is None or torch.equal(a, b) for a, b in zip(grads.values(),
+                                                                                        grads2.values()))
+        yc, _ = outputs_and_grads(cached_readout, {n: t.cpu() for n, t in d.items()}, shape["L"], mode, top_k)
+        assert_close(y.cpu(), yc)
+
+
+@requires_cuda
+def test_cuda_opcheck_and_compile():
+    d = {n: t.cuda() for n, t in make(12, T=20, L=4).items()}
+    from retain.ops.cache.cached_readout import cached_readout_op
+
+    for code, top_k in ((0, 0), (1, 0), (2, 1)):
+        u, c, ok = (None, None, None) if code == 0 else (d["u"], d["seg_keys"], d["online_keys"])
+        args = (d["q"].requires_grad_(), u, d["states"], c, d["o_online"], ok, 4, code, top_k, 0.5)
+        torch.library.opcheck(cached_readout_op, args)
+    torch._dynamo.reset()
+    f = torch.compile(lambda *xs: cached_readout(*xs[:5], online_keys=xs[5], segment_len=4, mode="gated"),
+                      fullgraph=True)
+    xs = [d[n] for n in NAMES]
+    assert_close(f(*xs), cached_readout(*xs[:5], online_keys=xs[5], segment_len=4, mode="gated"))
