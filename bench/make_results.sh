@@ -5,7 +5,7 @@
 # `noisy` flags and the before/after ceilings in the .md files, and rerun a file that has them.
 #
 #   bash bench/make_results.sh            # everything
-#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability large fisher replay
+#   bash bench/make_results.sh default    # one of: default sweep cold plot memory capability large fisher replay cache
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 R=bench/results
@@ -77,4 +77,12 @@ fi
 if [[ $what == all || $what == replay ]]; then
   run --op gather_rows --op scatter_rows_ --cpu-capability all --json $R/replay_cpu.json --markdown $R/replay_cpu.md
   RETAIN_BENCH_DIR=bench python bench/replay/workloads.py --out $R/replay_workloads_cpu.md
+fi
+# The cache family: the cached readout's modes against the reference (every CPU build), the sweep
+# over the number of cached segments with its plot and peak memory, and the recall task.
+if [[ $what == all || $what == cache ]]; then
+  run --op cached_readout_gated --op cached_readout_sparse --op cached_readout_residual --cpu-capability all \
+    --json $R/cache_cpu.json --markdown $R/cache_cpu.md
+  python bench/cache/readout.py --json $R/cache_readout_cpu.json --md $R/cache_readout_cpu.md --png $R/cache_readout_cpu.png
+  python bench/cache/recall.py --json $R/cache_recall_cpu.json --md $R/cache_recall_cpu.md
 fi

@@ -152,23 +152,31 @@ struct StateMatrices {
 // Scratch of one (b, h, segment) unit, reused across the units a thread runs.
 template <typename A>
 struct SegmentScratch {
-  Buffer<A> q, u, o, ok, dy, c, p, y, w, rows_a, rows_b, gates, dgate, dq;
+  Buffer<A> q, u, o, ok, dy, c, ct, z, p, y, w, rows_a, rows_b, gates, dgate, dq;
   Buffer<int64_t> idx;
   SegmentScratch(int64_t L, int64_t Kp, int64_t Vp, int64_t NR)
-      : q(L * Kp), u(L * Kp), o(L * Vp), ok(L * Kp), dy(L * Vp), c((NR + 1) * Kp), p(std::max(Kp, Vp) * std::max(Kp, Vp)),
+      : q(L * Kp), u(L * Kp), o(L * Vp), ok(L * Kp), dy(L * Vp), c((NR + 1) * Kp), ct(Kp * padded<A>(NR + 1)), z(L * padded<A>(NR + 1)), p(std::max(Kp, Vp) * std::max(Kp, Vp)),
         y(L * Vp), w(L * std::max(Kp, Vp)), rows_a(L * Kp), rows_b(L * Vp), gates(L * (NR + 1)),
         dgate(L * (NR + 1)), dq(L * Kp), idx(L) {}
 };
 
 // The gates of a segment's m tokens over its sr readable states into sc.gates [m, sr + 1]
-// (column sr: the online gate), from sc.u, sc.ok and the summaries sc.c.
+// (column sr: the online gate), from sc.u, sc.ok and the summaries sc.c: the cached logits as one
+// product U C^T [m, sr], then each token's selection and softmax.
 template <typename A>
 void segment_gates(SegmentScratch<A>& sc, int64_t m, int64_t sr, int64_t K, int64_t Kp, int64_t top_k) {
+  const int64_t np = padded<A>(sr);
+  if (sr > 0) {
+    std::fill(sc.ct.data(), sc.ct.data() + K * np, A(0));
+    for (int64_t i = 0; i < sr; ++i)
+      for (int64_t k = 0; k < K; ++k) sc.ct[k * np + i] = sc.c[i * Kp + k];
+    std::fill(sc.z.data(), sc.z.data() + m * np, A(0));
+    gemm_acc(m, np, K, sc.u.data(), Kp, int64_t{1}, sc.ct.data(), np, sc.z.data(), np);
+  }
   for (int64_t r = 0; r < m; ++r) {
     A* z = sc.gates.data() + r * (sr + 1);
-    const A* ur = sc.u.data() + r * Kp;
-    for (int64_t i = 0; i < sr; ++i) z[i] = dot(ur, sc.c.data() + i * Kp, K);
-    z[sr] = token_gates(z, sr, top_k, dot(ur, sc.ok.data() + r * Kp, K));
+    std::copy(sc.z.data() + r * np, sc.z.data() + r * np + sr, z);
+    z[sr] = token_gates(z, sr, top_k, dot(sc.u.data() + r * Kp, sc.ok.data() + r * Kp, K));
   }
 }
 
@@ -318,13 +326,8 @@ void backward_tokens(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const La
       if (gr[i] != A(kNotRead)) mean += gr[i] * dg[i];
     for (int64_t i = 0; i < sr; ++i) dg[i] = gr[i] != A(kNotRead) ? gr[i] * (dg[i] - mean) : A(0);
     const A dzo = go * (dg[sr] - mean);
-    A* du = sc.w.data() + r * Kp;  // du row, in the free w scratch
-    for (int64_t k = 0; k < K; ++k) du[k] = dzo * sc.ok[r * Kp + k];
-    for (int64_t i = 0; i < sr; ++i) {
-      if (gr[i] == A(kNotRead)) continue;
-      const A* c = sc.c.data() + i * Kp;
-      for (int64_t k = 0; k < K; ++k) du[k] += dg[i] * c[k];
-    }
+    A* du = sc.w.data() + r * Kp;  // du row, in the free w scratch; the cached part below
+    for (int64_t k = 0; k < Kp; ++k) du[k] = dzo * sc.ok[r * Kp + k];
     if (g.donline_keys) {
       for (int64_t k = 0; k < K; ++k) store_as(g.donline_keys[at_k + r * lay.tok_k + k], dzo * sc.u[r * Kp + k]);
     }
@@ -341,12 +344,21 @@ void backward_tokens(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const La
       go_row[lay.NR] = go;
     }
   }
-  if (g.du) store_rows(sc.w.data(), Kp, m, K, A(1), g.du + at_k, lay.tok_k);
+  if (g.du) {  // du += dz C, one product over the segment (dz is 0 where a state is not read)
+    if (sr > 0) gemm_acc(m, Kp, sr, sc.dgate.data(), gw, int64_t{1}, sc.c.data(), Kp, sc.w.data(), Kp);
+    store_rows(sc.w.data(), Kp, m, K, A(1), g.du + at_k, lay.tok_k);
+  }
   if (g.dq) store_rows(sc.dq.data(), Kp, m, K, scale, g.dq + at_k, lay.tok_k);
 }
 
-// Tokens of the state pass gathered per chunk.
-constexpr int64_t kChunk = 256;
+// Scratch of the state pass's (b, h) units: a segment's rows and every readable state's sums.
+template <typename A>
+struct StateScratch {
+  Buffer<A> q, u, qa, dy, dyb, dS, dc;
+  Buffer<int64_t> idx;
+  StateScratch(int64_t L, int64_t K, int64_t Kp, int64_t Vp, int64_t NR)
+      : q(L * Kp), u(L * Kp), qa(L * Kp), dy(L * Vp), dyb(L * Vp), dS(NR * K * Vp), dc(NR * Kp), idx(L) {}
+};
 
 // dy's rows [t0, t0 + n) of head (b, h) as a product's operand: in place when they are float rows of
 // whole vectors (row step H V), else converted into `buf` (ld Vp). Returns the rows and sets `ld`.
@@ -366,56 +378,61 @@ const Acc<T>* dy_rows(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const L
   return buf.data();
 }
 
-// The state pass, one (b, h, cached state i) per unit, tokens in order: dS_i = sum over the tokens
-// t reading i of gamma_ti q~_t dy_t^T (a product [K, n] x [n, V] per chunk) and dc_i = sum_t dz_ti u_t.
+// The state pass, one (b, h) per unit, segment by segment (each segment's rows read once for all
+// the states it reads): dS_i = sum over the tokens t reading i of gamma_ti q~_t dy_t^T (a product
+// [K, n] x [n, V] per segment and state) and dc_i = sum over them of dz_ti u_t.
 template <typename T>
 void backward_state(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const Layout<T>& lay, const Acc<T>* gates,
-                    const Acc<T>* dz, Buffer<Acc<T>>& qa, Buffer<Acc<T>>& dyb, Buffer<Acc<T>>& dS,
-                    Buffer<Acc<T>>& dc, int64_t unit) {
+                    const Acc<T>* dz, StateScratch<Acc<T>>& sc, int64_t bh) {
   using A = Acc<T>;
-  const int64_t i = unit % lay.NS, h = (unit / lay.NS) % a.H, b = unit / (lay.NS * a.H);
-  const int64_t K = lay.K, V = lay.V, Kp = lay.Kp, Vp = lay.Vp, bh = b * a.H + h;
-  const A scale = static_cast<A>(a.scale);
-  std::fill(dS.data(), dS.data() + Kp * Vp, A(0));
-  std::fill(dc.data(), dc.data() + Kp, A(0));
-  if (i < lay.NR) {
-    const A* grow = gates + bh * a.steps * (lay.NR + 1);
-    const A* zrow = dz + bh * a.steps * lay.NR;
-    for (int64_t t0 = (i + 1) * lay.L; t0 < a.steps; t0 += kChunk) {
-      const int64_t t1 = std::min(a.steps, t0 + kChunk);
+  const int64_t b = bh / a.H, h = bh % a.H, K = lay.K, V = lay.V, Kp = lay.Kp, Vp = lay.Vp, NR = lay.NR;
+  std::fill(sc.dS.data(), sc.dS.data() + NR * K * Vp, A(0));
+  std::fill(sc.dc.data(), sc.dc.data() + NR * Kp, A(0));
+  const A* grow = gates + bh * a.steps * (NR + 1);
+  const A* zrow = dz + bh * a.steps * NR;
+  for (int64_t s = 1; s < lay.nseg; ++s) {
+    const int64_t t0 = s * lay.L, m = std::min(a.steps, t0 + lay.L) - t0, sr = std::min(s, lay.NS);
+    // the segment's rows, read once for every state they read
+    if (g.dseg_keys) load_rows(a.u + lay.q_at(b, t0, h, a.steps), lay.tok_k, m, K, A(1), sc.u.data(), Kp);
+    if (g.dstates) load_rows(a.q + lay.q_at(b, t0, h, a.steps), lay.tok_k, m, K, static_cast<A>(a.scale), sc.q.data(), Kp);
+    int64_t ld = Vp;
+    const A* dy = g.dstates ? dy_rows(a, g, lay, b, h, t0, m, sc.dy, ld) : nullptr;
+    for (int64_t i = 0; i < sr; ++i) {
       int64_t n = 0;
-      for (int64_t t = t0; t < t1; ++t) {
-        const A gam = grow[t * (lay.NR + 1) + i];
+      A* dc = sc.dc.data() + i * Kp;
+      for (int64_t r = 0; r < m; ++r) {  // the rows that read i only (a token that did not adds nothing)
+        const A gam = grow[(t0 + r) * (NR + 1) + i];
         if (gam == A(kNotRead)) continue;
-        const T* qt = a.q + lay.q_at(b, t, h, a.steps);
-        for (int64_t k = 0; k < K; ++k) qa[n * Kp + k] = gam * scale * load_as<A>(qt[k]);
         if (g.dseg_keys) {
-          const A d = zrow[t * lay.NR + i];
-          const T* ut = a.u + lay.q_at(b, t, h, a.steps);
-          for (int64_t k = 0; k < K; ++k) dc[k] += d * load_as<A>(ut[k]);
+          const A d = zrow[(t0 + r) * NR + i];
+          for (int64_t k = 0; k < Kp; ++k) dc[k] += d * sc.u[r * Kp + k];
         }
-        ++n;
+        if (g.dstates)
+          for (int64_t k = 0; k < Kp; ++k) sc.qa[n * Kp + k] = gam * sc.q[r * Kp + k];
+        sc.idx[n++] = r;
       }
       if (n == 0 || !g.dstates) continue;
-      int64_t ld = Vp;
-      const A* db;
-      if (n == t1 - t0) {  // every token of the chunk read i
-        db = dy_rows(a, g, lay, b, h, t0, n, dyb, ld);
-      } else {  // the reading ones, gathered
-        int64_t j = 0;
-        for (int64_t t = t0; t < t1; ++t) {
-          if (grow[t * (lay.NR + 1) + i] == A(kNotRead)) continue;
-          const T* dyt = g.dy + lay.o_at(b, t, h, a.steps);
-          for (int64_t v = 0; v < V; ++v) dyb[j * Vp + v] = load_as<A>(dyt[v]);
-          ++j;
-        }
-        db = dyb.data();
+      const A* db = dy;  // every row read i: dy's rows as they are; else the reading ones gathered
+      int64_t ldb = ld;
+      if (n != m) {
+        for (int64_t j = 0; j < n; ++j) std::copy(dy + sc.idx[j] * ld, dy + sc.idx[j] * ld + V, sc.dyb.data() + j * Vp);
+        db = sc.dyb.data(), ldb = Vp;
       }
-      gemm_acc(K, Vp, n, qa.data(), int64_t{1}, Kp, db, ld, dS.data(), Vp);  // dS += qa^T db
+      gemm_acc(K, Vp, n, sc.qa.data(), int64_t{1}, Kp, db, ldb, sc.dS.data() + i * K * Vp, Vp);
     }
   }
-  if (g.dstates) store_rows(dS.data(), Vp, K, V, A(1), g.dstates + lay.s_at(b, i, h), V);
-  if (g.dseg_keys) store_rows(dc.data(), Kp, 1, K, A(1), g.dseg_keys + lay.c_at(b, i, h), 0);
+  for (int64_t i = 0; i < lay.NS; ++i) {  // states nobody reads get zeros
+    if (g.dstates) {
+      T* out = g.dstates + lay.s_at(b, i, h);
+      if (i < NR) store_rows(sc.dS.data() + i * K * Vp, Vp, K, V, A(1), out, V);
+      else std::fill(out, out + K * V, T{});
+    }
+    if (g.dseg_keys) {
+      T* out = g.dseg_keys + lay.c_at(b, i, h);
+      if (i < NR) store_rows(sc.dc.data() + i * Kp, Kp, 1, K, A(1), out, 0);
+      else std::fill(out, out + K, T{});
+    }
+  }
 }
 
 // The residual mode's state pass, one (b, h) per unit: dS_i = sum over the segments s > i of
@@ -473,9 +490,10 @@ void cached_readout_bwd_cpu(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, A
     return;
   }
   if (!g.dstates && !g.dseg_keys) return;
-  parallel_for(a.B * a.H * lay.NS, a.steps * lay.K * lay.V / 2, nthreads, [&](int64_t u0, int64_t u1) {
-    Buffer<A> qa(kChunk * lay.Kp), dyb(kChunk * lay.Vp), dS(lay.Kp * lay.Vp), dc(lay.Kp);
-    for (int64_t unit = u0; unit < u1; ++unit) backward_state(a, g, lay, gates, dz, qa, dyb, dS, dc, unit);
+  parallel_for(a.B * a.H, a.steps * lay.K * lay.V * std::max<int64_t>(1, lay.NR / 2), nthreads,
+               [&](int64_t u0, int64_t u1) {
+    StateScratch<A> sc(lay.L, lay.K, lay.Kp, lay.Vp, lay.NR);
+    for (int64_t bh = u0; bh < u1; ++bh) backward_state(a, g, lay, gates, dz, sc, bh);
   });
 }
 

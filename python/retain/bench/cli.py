@@ -28,6 +28,7 @@ from retain.bench.report import SCHEMA, add_ceiling_fractions, write_report
 # The op families whose cases `retain bench` runs, in this order: python/retain/bench/<family>.py,
 # each mirroring python/retain/ops/<family>/. A new family is one more line.
 FAMILIES = (
+    "cache",
     "margin",
     "fisher",
     "replay",
