@@ -19,7 +19,7 @@ cache::ReadoutArgs<T> readout_args(int mode, uintptr_t q, uintptr_t u, uintptr_t
   const char* op = kCachedReadout;
   check_sizes({B, T_, H, K, V, NS}, op);
   check(L >= 1, op, "segment_len must be >= 1, got " + std::to_string(L));
-  check(mode >= 0 && mode <= 2, op, "mode code out of range");
+  check(mode >= 0 && mode <= 2, op, "mode code must be 0, 1 or 2 (retain._C.cached_readout_modes), got " + std::to_string(mode));
   const bool empty = B * T_ * H * K * V == 0;
   const bool residual = mode == static_cast<int>(cache::ReadoutMode::Residual);
   const bool no_states = empty || NS == 0;

@@ -3,7 +3,7 @@
 // scratch, the gates come first (they depend on u and the summaries only, not on the readouts), and
 // each cached state then meets the rows that read it in one small matrix product — the
 // [B, T, NS, H, V] per-segment readouts are never formed. The backward's state pass runs one unit
-// per (b, h, cached state) over the tokens that read it. Every output has one owner, summed in a
+// per (b, h), segment by segment, over the tokens that read each state. Every output has one owner, summed in a
 // fixed order: results do not depend on the thread count.
 #include <algorithm>
 #include <cstdint>

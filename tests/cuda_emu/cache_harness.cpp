@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
   const bool barriers_only = argc > 1 && std::string(argv[1]) == "barriers";
   unsigned seed = 1;
   Cfg c;
-  // T = 11 in segments of 3 (the last one short): NR = 3, with exactly the states read and two extra
+  // T = 11 in segments of 3 (the last one short): NR = 3, exactly the states read
   c.B = 2, c.T = 11, c.H = 2, c.K = 5, c.V = 7, c.L = 3, c.NS = 3;
   run_modes<float>(c, seed);
   if (!barriers_only) {

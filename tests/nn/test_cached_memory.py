@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from retain.nn import CachedMemory
+from retain.ops.cache.cached_readout import cached_readout_op
 from tests.helpers import assert_close
 
 F64 = torch.float64
@@ -81,7 +82,7 @@ def test_torch_compile_forward_and_backward():
     assert_close(torch.autograd.grad(yc.square().sum(), x)[0], torch.autograd.grad(y.square().sum(), x)[0])
 
 
-def test_float32_layer_runs_the_fused_kernels():
+def test_float32_layer_runs_the_fused_kernels(monkeypatch):
     torch.manual_seed(5)
     m = CachedMemory(32, num_heads=2, head_dim=16, segment_len=8)
     x = torch.randn(2, 40, 32)
@@ -89,6 +90,12 @@ def test_float32_layer_runs_the_fused_kernels():
     y.square().mean().backward()
     assert y.shape == x.shape and cache.states.shape == (2, 5, 2, 16, 16)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    # the layer's readout is the native op: with the CPU kernels off and no fallback allowed it stops
+    monkeypatch.delenv("RETAIN_FALLBACK", raising=False)
+    with cached_readout_op.set_kernel_enabled("cpu", enabled=False), \
+            pytest.raises(NotImplementedError, match=r"retain::cached_readout: no kernel"):
+        torch._dynamo.reset()
+        m(x)
 
 
 @pytest.mark.parametrize("kw,pattern", [
@@ -103,6 +110,31 @@ def test_float32_layer_runs_the_fused_kernels():
 def test_bad_arguments(kw, pattern):
     with pytest.raises(ValueError, match=r"retain.nn.CachedMemory: " + pattern):
         layer(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_continuing_in_16_and_32_bits_equals_one_call(dtype):
+    torch.manual_seed(6)
+    m = CachedMemory(32, num_heads=2, head_dim=16, segment_len=4).to(dtype)
+    x = torch.randn(1, 13, 32).to(dtype)
+    with torch.no_grad():
+        y, _ = m(x)
+        y2, _ = chunked(m, x, [1, 5, 2, 5])
+    assert_close(y2, y)
+
+
+def test_a_cache_from_another_layer_or_no_cache_is_refused():
+    m = layer()
+    _, cache = m(torch.randn(1, 7, 16, dtype=F64))
+    with pytest.raises(ValueError, match=r"retain.nn.CachedMemory: cache.states must have shape \(2, 2, 2, 4, 3\)"):
+        m(torch.randn(2, 1, 16, dtype=F64), cache)
+    with pytest.raises(TypeError, match=r"retain.nn.CachedMemory: cache must be a CachedMemoryState .* got dict"):
+        m(torch.randn(1, 1, 16, dtype=F64), {})
+
+
+def test_restart_with_no_tokens():
+    y, cache = layer(init="restart")(torch.zeros(2, 0, 16, dtype=F64))
+    assert y.shape == (2, 0, 16) and cache.pos == 0
 
 
 def test_bad_input_shape():

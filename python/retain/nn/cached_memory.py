@@ -129,6 +129,9 @@ class CachedMemory(nn.Module):
         gates = dict(beta=torch.sigmoid(self.beta_proj(x)) if self.beta_proj is not None else 1.0,
                      g=F.logsigmoid(self.g_proj(x)) if self.g_proj is not None else None,
                      eta=torch.sigmoid(self.eta_proj(x)) if self.eta_proj is not None else None)
+        if cache is not None and not isinstance(cache, CachedMemoryState):
+            raise TypeError(f"retain.nn.CachedMemory: cache must be a CachedMemoryState (the second output of a "
+                            f"previous call) or None, got {type(cache).__name__}")
         if cache is None:
             y, cache = self._whole(q, k, v, u, gates)
         else:
@@ -153,7 +156,7 @@ class CachedMemory(nn.Module):
         B, T, H, K = q.shape
         L = self.segment_len
         full = T // L
-        if self.init == "checkpoint":
+        if self.init == "checkpoint" or T == 0:  # (no tokens: nothing to restart)
             o, final, states = self._scan(q, k, v, gates, states_every=L)
             memory = final
         else:  # every segment its own sequence: packed along T (cu_seqlens), no state crosses
@@ -165,7 +168,7 @@ class CachedMemory(nn.Module):
 
             o, final, states = self._scan(flat(q), flat(k), flat(v), {n: flat(t) for n, t in gates.items()},
                                           states_every=L, cu_seqlens=cu)
-            o, states = o.reshape(B, T, H, -1), states.reshape(B, full, *states.shape[2:])
+            o, states = o.reshape(B, T, H, self.value_dim), states.reshape(B, full, *states.shape[2:])
             n_seq = len(lengths)
             if T == full * L:  # the last segment closed: the next one starts from zero
                 memory = self._zero_memory(q)
@@ -189,6 +192,12 @@ class CachedMemory(nn.Module):
         L, T = self.segment_len, q.shape[1]
         ys, t = [], 0
         states, seg_keys, memory, key_sum, pos = cache.states, cache.seg_keys, cache.memory, cache.key_sum, cache.pos
+        B, _, H, K = q.shape
+        want = (B, pos // L, H, K, self.value_dim)
+        if tuple(states.shape) != want:
+            got = tuple(states.shape)
+            raise ValueError(f"retain.nn.CachedMemory: cache.states must have shape {want} (B, pos // segment_len, "
+                             f"heads, head_dim, value_dim of this layer and input), got {got}")
         while t < T:
             r = pos % L
             n = min(L - r, T - t)
@@ -196,12 +205,15 @@ class CachedMemory(nn.Module):
             piece = {name: g[:, sl] if isinstance(g, Tensor) else g for name, g in gates.items()}
             o, final, _ = self._scan(q[:, sl], k[:, sl], v[:, sl], piece, initial=memory)
             sums = key_sum[:, None] + k[:, sl].cumsum(1)
-            count = torch.arange(r + 1, r + n + 1, device=q.device, dtype=q.dtype)[None, :, None, None]
             if self.mode is None:
                 ys.append(o)
-            else:
-                ys.append(cached_readout_ref(q[:, sl], None if u is None else u[:, sl], states, seg_keys, o, sums / count, segment_len=L,
-                                             mode=self.mode, top_k=self.top_k, start=pos))
+            else:  # computed as the fused op does: float32 for 16-bit inputs
+                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+                count = torch.arange(r + 1, r + n + 1, device=q.device, dtype=acc)[None, :, None, None]
+                args = [t if t is None else t.to(acc) for t in
+                        (q[:, sl], None if u is None else u[:, sl], states, seg_keys, o, sums.to(acc) / count)]
+                ys.append(cached_readout_ref(*args, segment_len=L, mode=self.mode, top_k=self.top_k,
+                                             start=pos).to(q.dtype))
             pos, key_sum, memory, t = pos + n, sums[:, -1], final, t + n
             if pos % L == 0:  # the segment closed: cache its state and mean key
                 S = final[0] if isinstance(final, tuple) else final

@@ -78,7 +78,7 @@ SHAPES = [
     dict(B=1, T=33, H=1, K=64, V=64, L=4),           # whole vectors, many segments
     dict(B=1, T=7, H=2, K=3, V=5, L=1),              # every token its own segment
     dict(B=2, T=5, H=1, K=4, V=4, L=8),              # one segment: nothing cached (NS = 0)
-    dict(B=1, T=600, H=1, K=8, V=16, L=50),          # token chunks of the state pass (256)
+    dict(B=1, T=600, H=1, K=8, V=16, L=50),          # many segments and states
 ]
 
 
@@ -160,13 +160,28 @@ def test_nan_in_a_token_gives_nan_out_there_only(mode, top_k):
     d = make(5, T=9, L=3)
     d["states"][0, 0, 0, 1, 2] = float("nan")  # state 0: read by segments 1 and 2 (residual, gated)
     y = call(cached_readout, d, 3, mode, top_k)
+    assert not y[:, :3].isnan().any() and not y[1].isnan().any()  # segment 0 and batch 1 read no NaN
     if mode != "sparse":
-        assert y[0, 3:, 0, 2].isnan().all() and not y[0, :3].isnan().any()
+        assert y[0, 3:, 0, 2].isnan().all()
+    else:  # top-1: exactly the tokens of head 0 whose pick is state 0 see it
+        z = torch.einsum("thk,ihk->tih", d["u"][0], d["seg_keys"][0])[:, :, 0]  # [T, NS] logits of head 0
+        picks_0 = torch.tensor([t >= 3 and int(z[t, :t // 3].argmax()) == 0 for t in range(9)])
+        assert torch.equal(y[0, :, 0, 2].isnan(), picks_0)
 
 
-def test_soup_is_gated_and_float64_is_exact_to_rounding():
+def test_soup_is_gated():
     d = make(6, T=17, L=4)
     assert torch.equal(call(cached_readout, d, 4, "soup", None), call(cached_readout, d, 4, "gated", None))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sparse_ties_go_to_the_lower_segment_in_kernel_and_reference(top_k):
+    d = make(13, B=1, T=16, H=1, K=3, V=2, L=4)  # 3 cached states, equal summaries: every logit ties
+    d["seg_keys"] = d["seg_keys"][:, :1].expand_as(d["seg_keys"]).contiguous()
+    y = call(cached_readout, d, 4, "sparse", top_k)
+    assert_close(y, call(cached_readout_ref, {**d}, 4, "sparse", top_k))
+    first = {**d, "states": torch.cat([d["states"][:, :top_k], d["states"][:, top_k:] + 100.0], 1)}
+    assert torch.equal(call(cached_readout, first, 4, "sparse", top_k), y)  # the later ones are never read
 
 
 def _base():

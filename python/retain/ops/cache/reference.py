@@ -33,16 +33,19 @@ def cached_readout_ref(q: Tensor, u: Tensor, states: Tensor, seg_keys: Tensor, o
     visible = torch.arange(NS, device=q.device)[None, :] < seg[:, None]  # [T, NS]: cached i < s
     reads = torch.einsum("bthk,bihkv->btihv", q * scale, states)  # [B, T, NS, H, V]
     if mode == "residual":
-        return o_online + (reads * visible[None, :, :, None, None].to(reads.dtype)).sum(2)
+        # where, not a product: a non-finite state no token reads must not reach the output
+        return o_online + torch.where(visible[None, :, :, None, None], reads, 0).sum(2)
     logits = torch.einsum("bthk,bihk->btih", u, seg_keys)  # [B, T, NS, H]
     keep = visible[None, :, :, None].expand_as(logits)
     if mode == "sparse" and top_k is not None and top_k < NS:
         with torch.no_grad():
             ranked = logits.masked_fill(~keep, float("-inf"))
-            top = ranked.topk(top_k, dim=2).indices
+            # a stable sort: ties to the lower segment, NaN first, as the kernels select
+            top = ranked.sort(dim=2, descending=True, stable=True).indices[:, :, :top_k]
             chosen = torch.zeros_like(keep).scatter_(2, top, True)
         keep = keep & chosen
     online = (u * online_keys).sum(-1)  # [B, T, H]
     z = torch.cat([logits.masked_fill(~keep, float("-inf")), online[:, :, None]], dim=2)
     gamma = torch.softmax(z, dim=2)  # [B, T, NS + 1, H]
-    return gamma[:, :, NS, :, None] * o_online + (gamma[:, :, :NS, :, None] * reads).sum(2)
+    cached = torch.where(keep[..., None], gamma[:, :, :NS, :, None] * reads, 0)  # unread states add nothing
+    return gamma[:, :, NS, :, None] * o_online + cached.sum(2)
