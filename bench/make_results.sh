@@ -83,6 +83,6 @@ fi
 if [[ $what == all || $what == cache ]]; then
   run --op cached_readout_gated --op cached_readout_sparse --op cached_readout_residual --cpu-capability all \
     --json $R/cache_cpu.json --markdown $R/cache_cpu.md
-  python bench/cache/readout.py --json $R/cache_readout_cpu.json --md $R/cache_readout_cpu.md --png $R/cache_readout_cpu.png
-  python bench/cache/recall.py --json $R/cache_recall_cpu.json --md $R/cache_recall_cpu.md
+  python bench/cache/readout.py --md $R/cache_readout_cpu.md --png $R/cache_readout_cpu.png
+  python bench/cache/recall.py --md $R/cache_recall_cpu.md
 fi

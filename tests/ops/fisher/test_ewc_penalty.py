@@ -121,12 +121,14 @@ def test_nan_in_a_parameter_gives_a_nan_penalty():
 
 def test_a_compiled_training_step_with_the_penalty():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    # float64 throughout: a float32 model's loss rounds differently under inductor (CPU-dependent)
+    # and would be compared at the float64 penalty's tolerance
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
     params = list(model.parameters())
     anchors = [p.detach().clone() + 0.1 for p in params]
     diag = [torch.rand_like(p) for p in params]
     mu = [torch.randn_like(p) for p in params]
-    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
 
     def loss_fn():
         loss = torch.nn.functional.mse_loss(model(x), y)
