@@ -264,9 +264,9 @@ def test_cuda_opcheck_and_compile():
     d = {n: t.cuda() for n, t in make(12, T=20, L=4).items()}
     from retain.ops.cache.cached_readout import cached_readout_op
 
-    for code, top_k in ((0, 0), (1, 0), (2, 1)):
-        u, c, ok = (None, None, None) if code == 0 else (d["u"], d["seg_keys"], d["online_keys"])
-        args = (d["q"].requires_grad_(), u, d["states"], c, d["o_online"], ok, 4, code, top_k, 0.5)
+    for mode, top_k in (("residual", 0), ("gated", 0), ("sparse", 1)):
+        u, c, ok = (None, None, None) if mode == "residual" else (d["u"], d["seg_keys"], d["online_keys"])
+        args = (d["q"].requires_grad_(), u, d["states"], c, d["o_online"], ok, 4, mode, top_k, 0.5)
         torch.library.opcheck(cached_readout_op, args)
     torch._dynamo.reset()
     f = torch.compile(lambda *xs: cached_readout(*xs[:5], online_keys=xs[5], segment_len=4, mode="gated"),

@@ -13,23 +13,10 @@ from retain import _native
 from retain.ops import _dispatch
 from retain.ops._checks import check_choice, check_floating, check_same, check_shape, check_tensor
 from retain.ops.cache.reference import MODES, cached_readout_ref
+from retain.ops.scan.memory_scan import MAX_HEAD_DIM
 
 _OP = "cached_readout"
 _NAME = "retain.ops.cached_readout"
-# The head dimensions the kernels take (as memory_scan's).
-_MAX_HEAD_DIM = 1024
-
-
-def _mode_codes() -> dict[str, int]:
-    """The kernels' mode codes (retain._C.cached_readout_modes); the fallback's when the native
-    module does not load (its codes are the same by construction: the reference takes names)."""
-    if _native.native_available():
-        return dict(_native.lib().cached_readout_modes)
-    return {"residual": 0, "gated": 1, "soup": 1, "sparse": 2}
-
-
-_CODE_NAMES = {0: "residual", 1: "gated", 2: "sparse"}
-
 
 def cached_readout(q: Tensor, u: Tensor | None, states: Tensor, seg_keys: Tensor | None, o_online: Tensor, *,
                    online_keys: Tensor | None = None, segment_len: int, mode: str = "residual",
@@ -97,8 +84,8 @@ def cached_readout(q: Tensor, u: Tensor | None, states: Tensor, seg_keys: Tensor
     V = o_online.shape[-1]
     check_shape(op, "o_online", o_online, (B, T, H, V), "[B, T, H, V] with q's B, T, H")
     for name, size in (("K", K), ("V", V)):
-        if not 1 <= size <= _MAX_HEAD_DIM:
-            raise ValueError(f"{op}: head dimension {name} must be in [1, {_MAX_HEAD_DIM}], got {size}")
+        if not 1 <= size <= MAX_HEAD_DIM:
+            raise ValueError(f"{op}: head dimension {name} must be in [1, {MAX_HEAD_DIM}], got {size}")
     check_tensor(op, "states", states, ndim=5)
     NS = states.shape[1]
     check_shape(op, "states", states, (B, NS, H, K, V), "[B, NS, H, K, V] with q's B, H, K and o_online's V")
@@ -134,19 +121,20 @@ def cached_readout(q: Tensor, u: Tensor | None, states: Tensor, seg_keys: Tensor
         u = seg_keys = online_keys = None
     q, u, states, seg_keys, o_online, online_keys = _dispatch.contiguous(q, u, states, seg_keys, o_online,
                                                                          online_keys)
-    return cached_readout_op(q, u, states, seg_keys, o_online, online_keys, segment_len, _mode_codes()[mode],
+    return cached_readout_op(q, u, states, seg_keys, o_online, online_keys, segment_len, mode,
                              int(top_k or 0), float(scale))
 
 
 def _reference(q, u, states, seg_keys, o, online_keys, segment_len, mode, top_k, scale):
     return cached_readout_ref(q, u, states, seg_keys, o, online_keys, segment_len=segment_len,
-                              mode=_CODE_NAMES[mode], top_k=top_k or None, scale=scale)
+                              mode=mode, top_k=top_k or None, scale=scale)
 
 
 @torch.library.custom_op("retain::cached_readout", mutates_args=())
 def cached_readout_op(q: Tensor, u: Tensor | None, states: Tensor, seg_keys: Tensor | None, o: Tensor,
-                      online_keys: Tensor | None, segment_len: int, mode: int, top_k: int, scale: float) -> Tensor:
-    """y [B, T, H, V] of contiguous inputs (mode: a retain._C.cached_readout_modes code; top_k 0:
+                      online_keys: Tensor | None, segment_len: int, mode: str, top_k: int, scale: float) -> Tensor:
+    """y [B, T, H, V] of contiguous inputs (mode: one of MODES, the kernels' code looked up in
+    retain._C.cached_readout_modes; top_k 0:
     every segment). This body is the fallback, by the reference."""
     _dispatch.fallback(_OP, q)
     return _reference(q, u, states, seg_keys, o, online_keys, segment_len, mode, top_k, scale).contiguous()
@@ -164,7 +152,7 @@ def _num_read(T: int, L: int, NS: int) -> int:
 def _gate_scratch(q, T, L, NS, mode, extra):
     """The kernels' gate scratch [B, H, T, NR + extra] (nothing in residual mode)."""
     NR = _num_read(T, L, NS)
-    if mode == 0 or NR == 0 or q.numel() == 0:
+    if mode == "residual" or NR == 0 or q.numel() == 0:
         return q.new_empty(0, dtype=_dispatch.acc_dtype(q.dtype))
     B, _, H, _ = q.shape
     return q.new_empty((B, H, T, NR + extra), dtype=_dispatch.acc_dtype(q.dtype))
@@ -175,8 +163,9 @@ def _forward(q, u, states, seg_keys, o, online_keys, segment_len, mode, top_k, s
     if y.numel() == 0:
         return y
     sizes = _sizes(q, states, o, segment_len)
-    args = [_dispatch.dtype_code(q), mode, q.data_ptr(), _dispatch.ptr(u), _dispatch.ptr(states),
-            _dispatch.ptr(seg_keys), o.data_ptr(), _dispatch.ptr(online_keys), *sizes, top_k, scale, y.data_ptr()]
+    args = [_dispatch.dtype_code(q), _native.lib().cached_readout_modes[mode], q.data_ptr(), _dispatch.ptr(u),
+            _dispatch.ptr(states), _dispatch.ptr(seg_keys), o.data_ptr(), _dispatch.ptr(online_keys), *sizes, top_k,
+            scale, y.data_ptr()]
     gates = None
     if q.device.type != "cpu":  # the CUDA forward passes the gates from one kernel to the next
         gates = _gate_scratch(q, sizes[1], segment_len, sizes[5], mode, 1)
@@ -193,7 +182,7 @@ def _(q, u, states, seg_keys, o, online_keys, segment_len, mode, top_k, scale):
 
 @torch.library.custom_op("retain::cached_readout_backward", mutates_args=())
 def cached_readout_backward_op(grad: Tensor, q: Tensor, u: Tensor | None, states: Tensor, seg_keys: Tensor | None,
-                               o: Tensor, online_keys: Tensor | None, segment_len: int, mode: int, top_k: int,
+                               o: Tensor, online_keys: Tensor | None, segment_len: int, mode: str, top_k: int,
                                scale: float, need_q: bool, need_u: bool, need_states: bool, need_seg_keys: bool,
                                need_o: bool, need_online_keys: bool
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -218,8 +207,8 @@ def _backward(grad, q, u, states, seg_keys, o, online_keys, segment_len, mode, t
     gates = _gate_scratch(q, sizes[1], segment_len, sizes[5], mode, 1)
     dz = _gate_scratch(q, sizes[1], segment_len, sizes[5], mode, 0)
     dy = grad.contiguous()  # held: the kernel reads it through a raw pointer
-    _dispatch.run("cached_readout_bwd", q.device, _dispatch.dtype_code(q), mode, q.data_ptr(), _dispatch.ptr(u),
-                  _dispatch.ptr(states), _dispatch.ptr(seg_keys), o.data_ptr(), _dispatch.ptr(online_keys), *sizes,
+    _dispatch.run("cached_readout_bwd", q.device, _dispatch.dtype_code(q), _native.lib().cached_readout_modes[mode],
+                  q.data_ptr(), _dispatch.ptr(u), _dispatch.ptr(states), _dispatch.ptr(seg_keys), o.data_ptr(), _dispatch.ptr(online_keys), *sizes,
                   top_k, scale, dy.data_ptr(), *[_dispatch.ptr(t) for t in outs], _dispatch.ptr(gates),
                   _dispatch.ptr(dz))
     return tuple(outs)
