@@ -10,7 +10,7 @@ import torch
 
 from retain.bench.harness import Call, standard_impls
 from retain.bench.registry import Case, register
-from retain.ops import cached_readout
+from retain.ops import cached_readout, segment_mean
 from retain.ops.cache.reference import cached_readout_ref
 
 _SIZES = {
@@ -31,9 +31,8 @@ def _inputs(p: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
     def rn(*shape, scale=1.0):
         return (torch.randn(shape, generator=gen, device=device) * scale).to(dtype)
 
+    # unit keys and their segment means, as CachedMemory makes the summaries
     k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, device=device), dim=-1)
-    from retain.ops import segment_mean  # the summaries of unit keys, as CachedMemory makes them
-
     return {"q": rn(B, T, H, K), "u": rn(B, T, H, K), "states": rn(B, ns, H, K, V, scale=0.1),
             "seg_keys": segment_mean(k, L)[:, :ns].to(dtype), "o_online": rn(B, T, H, V),
             "online_keys": segment_mean(k, L, causal=True).to(dtype), "grad_y": rn(B, T, H, V)}
