@@ -52,11 +52,27 @@ RETAIN_HOST_DEVICE RETAIN_FORCE_INLINE A scaled_slope(A scale, A slope) {
 // uint8: ceil(D/4)) per (b, l); thresholds [D] or [B, D] in the accumulation type; mask [B, L]
 // (uint8 0/1) or null.
 //
+// Whether a row of labels holds only what the kernels read as labels: int8 in {-1, 0, 1}, packed
+// codes 0-2 (code 3 is never written by pack_tm_labels). One branch-free pass a row, over bytes
+// the kernel is about to read anyway (they are in L1 after it): an invalid label is refused, not
+// read as its sign.
+RETAIN_FORCE_INLINE bool tm_labels_valid(const int8_t* row, int64_t n) {
+  uint8_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint8_t>(static_cast<uint8_t>(row[i] + 1) > 2);
+  return !bad;
+}
+RETAIN_FORCE_INLINE bool tm_labels_valid(const uint8_t* row, int64_t n) {
+  uint8_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint8_t>(row[i] & (row[i] >> 1) & 0x55);
+  return !bad;
+}
+
 // Per-row partial results: row_sum[b*L + l] = sum of the row's losses, row_count = #losses > 0.
 // slope_bits (or null) keeps the sign of every element's slope for the backward, 2 bits an
 // element: row r's words [r * W, (r + 1) * W), W = tm_slope_words(D), hold for each block k of
 // 16 elements the mask of slope +1 (word 2k) and of slope -1 (word 2k + 1); 0 for masked rows.
-// CPU launchers: one build per CPU capability C (call through retain::cpu_dispatch).
+// CPU launchers: one build per CPU capability C (call through retain::cpu_dispatch). The forward
+// throws std::invalid_argument, naming the first row, when a counted row holds an invalid label.
 template <CpuCapability C, typename T, typename Lab, typename A>
 void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,

@@ -1,10 +1,13 @@
 // CPU kernels of tm_loss: one pass over h per call, rows of [B, L, D] split over threads; per-row
 // partial sums keep the result independent of the thread count.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 // The TM rows in AVX-512 intrinsics: the avx512 build of this file only (x86-64-v4 has F, BW
@@ -263,7 +266,7 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
                                   const A* __restrict pos, const A* __restrict neg, bool per_sample,
                                   const uint8_t* __restrict mask, int64_t L, int64_t D, double* __restrict row_sum,
                                   int64_t* __restrict row_count, uint16_t* __restrict slope_bits, int64_t r0,
-                                  int64_t r1) {
+                                  int64_t r1, std::atomic<int64_t>& bad_row) {
   Buffer<int8_t> scratch(std::is_same_v<Lab, uint8_t> ? D + 4 : 0);
   const int64_t Dv = kVectorTm<T> ? D / kFloatLanes * kFloatLanes : 0;
   const int64_t W = tm_slope_words(D);
@@ -271,6 +274,11 @@ RETAIN_FORCE_INLINE void fwd_rows(const T* __restrict h, const Lab* __restrict l
     uint16_t* __restrict bits = slope_bits ? slope_bits + r * W : nullptr;
     if (bits) std::fill(bits, bits + W, uint16_t{0});
     if (mask && !mask[r]) {
+      row_sum[r] = 0.0, row_count[r] = 0;
+      continue;
+    }
+    if (!tm_labels_valid(labels + r * label_row, label_row)) {
+      for (int64_t seen = bad_row.load(); r < seen && !bad_row.compare_exchange_weak(seen, r);) {}
       row_sum[r] = 0.0, row_count[r] = 0;
       continue;
     }
@@ -427,16 +435,33 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
   stream_fence(stream);
 }
 
+// The error for row (b, l) of labels, naming its first invalid element.
+[[noreturn]] void throw_invalid_labels(const int8_t* row, int64_t b, int64_t l, int64_t D) {
+  int64_t d = 0;
+  while (d + 1 < D && static_cast<uint8_t>(row[d] + 1) <= 2) ++d;
+  throw std::invalid_argument("retain.ops.tm_loss: labels must be int8 in {-1, 0, 1}, got " + std::to_string(row[d]) +
+                              " at [" + std::to_string(b) + ", " + std::to_string(l) + ", " + std::to_string(d) + "]");
+}
+[[noreturn]] void throw_invalid_labels(const uint8_t* row, int64_t b, int64_t l, int64_t D) {
+  int64_t d = 0;
+  while (d + 1 < (D + 3) / 4 * 4 && ((row[d / 4] >> (d % 4 * 2)) & 3) != 3) ++d;
+  throw std::invalid_argument("retain.ops.tm_loss: packed labels must hold codes 0, 1, 2 (from pack_tm_labels), got "
+                              "code 3 for feature " + std::to_string(d) + " at [" + std::to_string(b) + ", " +
+                              std::to_string(l) + "]" + (d >= D ? " (a padding code of the last byte)" : ""));
+}
+
 }  // namespace
 
 template <CpuCapability C, typename T, typename Lab, typename A>
 void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
                      double* row_sum, int64_t* row_count, uint16_t* slope_bits, int nthreads) {
+  std::atomic<int64_t> bad_row{B * L};
   parallel_for(B * L, D * 4, nthreads, [&](int64_t r0, int64_t r1) {
     fwd_rows<T, Lab, A>(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, row_sum, row_count, slope_bits,
-                 r0, r1);
+                 r0, r1, bad_row);
   });
+  if (const int64_t r = bad_row.load(); r < B * L) throw_invalid_labels(labels + r * label_row, r / L, r % L, D);
 }
 
 template <CpuCapability C, typename T, typename Lab, typename A>

@@ -277,6 +277,10 @@ def test_bad_input_errors():
         gere.loss(h, [0, 7])
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 5\)"):
         gere.loss(h, [0, 1], torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"GeRe\.loss: sample_ids must be integers, got float32 values"):
+        gere.loss(h, torch.tensor([0.0, 2.7]))
+    with pytest.raises(TypeError, match=r"GeRe\.batch: sample_ids must be integers, got float32 values"):
+        gere.batch([0.0, 2.7], samples)
     with pytest.raises(ValueError, match="layer 'nrom' is not a submodule of TinyLM"):
         GeRe.build(model, samples, layer="nrom")
     with pytest.raises(ValueError, match="takes no output_hidden_states"):
@@ -285,6 +289,22 @@ def test_bad_input_errors():
         GeRe.build(model, [], layer="norm")
     with pytest.raises(ValueError, match=r"samples\[1\] must be a non-empty tensor"):
         GeRe.build(model, [samples[0], torch.zeros(0, dtype=torch.long)], layer="norm")
+
+
+def test_non_finite_statistics_are_refused(tmp_path):
+    """A model that emits NaN (or inf) hidden states would give NaN thresholds and then a loss of
+    0 or NaN for ever: build refuses it, and load refuses an anchor whose statistics are not finite."""
+    model, samples = TinyLM(), replay_set()
+    with torch.no_grad():
+        model.norm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match=r"GeRe\.build: the activation statistics of group 0 must be finite, got a "
+                                         r"non-finite mean \(did the model emit NaN or inf hidden states\?\)"):
+        GeRe.build(model, samples, layer="norm")
+    state = GeRe.build(TinyLM(), samples, layer="norm").state_dict()
+    state["m2"][0, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"GeRe\.load: the activation statistics of group 0 must be finite, got a "
+                                         "non-finite m2"):
+        GeRe.from_state_dict(state)
 
 
 def test_label_storage_of_a_563_token_sample_of_a_4096_wide_model():

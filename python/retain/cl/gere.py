@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from retain.cl._files import check_header, is_tensor_file, load_tensor_file, load_torch_file, save_tensor_file
+from retain.ops._checks import check_number
 from retain.ops.margin import ActivationStats, activation_stats, pack_tm_labels, tm_loss, tm_thresholds
 
 __all__ = ["GeRe", "forward_with_hidden", "gere_total_loss"]
@@ -110,6 +111,31 @@ def gere_total_loss(task_ce: Tensor | None, replay_ce: Tensor | None = None, tm:
     return ce + weight * tm
 
 
+def _check_finite(where: str, stats: Sequence[ActivationStats]) -> None:
+    """Thresholds from NaN or infinite statistics would make every later loss meaningless."""
+    for g, s in enumerate(stats):
+        for name in ("count", "mean", "m2"):
+            t = getattr(s, name)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: the activation statistics of group {g} must be finite, got a non-finite "
+                                 f"{name} (did the model emit NaN or inf hidden states?)")
+
+
+def _sample_ids(where: str, sample_ids) -> Tensor:
+    """Sample ids as int64 [B]: integers only (a float id 2.7 is refused, not truncated to 2)."""
+    if isinstance(sample_ids, Tensor):
+        ids = sample_ids
+    else:
+        try:
+            ids = torch.as_tensor(sample_ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{where}: sample_ids must be integers (a tensor or a sequence of ints), got "
+                            f"{type(sample_ids).__name__}") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{where}: sample_ids must be integers, got {str(ids.dtype).replace('torch.', '')} values")
+    return ids.to(torch.int64).reshape(-1)
+
+
 def _pad_right(items: Sequence[Tensor], pad_value: float) -> tuple[Tensor, Tensor]:
     """[B, L, ...] padded on the right and the [B, L] bool mask of real positions."""
     L = max(t.shape[0] for t in items)
@@ -160,8 +186,9 @@ class GeRe:
                                                       < len(stats)):
             raise ValueError(f"{_NAME}: groups must be [num_samples] ints in [0, {len(stats)}), got "
                              f"{tuple(groups.shape)}")
+        _check_finite(_NAME, stats)
         self.stats = list(stats)
-        self.k = float(k)
+        self.k = check_number(_NAME, "k", k, minimum=0.0)
         self.layer = layer
         self.labels, self.offsets, self.groups = labels, offsets.to(torch.int64), groups.to(torch.int64)
         thr = [tm_thresholds(s, self.k) for s in self.stats]
@@ -261,6 +288,7 @@ class GeRe:
             for g, s in enumerate(stats):
                 if float(s.count) < 2:
                     raise ValueError(f"{_NAME}.build: group {g} has {int(s.count)} token(s); thresholds need >= 2")
+            _check_finite(f"{_NAME}.build", stats)
             thr = [tm_thresholds(s, k) for s in stats]
             pos = torch.stack([p for p, _ in thr])
             neg = torch.stack([q for _, q in thr])
@@ -304,8 +332,8 @@ class GeRe:
               ) -> tuple[Tensor, Tensor]:
         """The replay samples ``sample_ids`` right-padded into ``(x [B, L, ...], mask [B, L])``,
         as :meth:`build` batched them."""
-        ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1).tolist()
-        self._check_ids(torch.tensor(ids))
+        ids = _sample_ids(f"{_NAME}.batch", sample_ids).tolist()
+        self._check_ids(torch.tensor(ids, dtype=torch.int64))
         return _pad_right([samples[i] for i in ids], pad_value)
 
     def forward(self, model: nn.Module, x: Tensor, mask: Tensor | None = None, *,
@@ -338,7 +366,7 @@ class GeRe:
         B, L, D = hidden.shape
         if D != self.dim:
             raise ValueError(f"{_NAME}.loss: hidden size D must be the anchor's {self.dim}, got {D}")
-        ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=self.offsets.device).reshape(-1)
+        ids = _sample_ids(f"{_NAME}.loss", sample_ids).to(self.offsets.device)
         if ids.numel() != B:
             raise ValueError(f"{_NAME}.loss: sample_ids must hold one id per row of hidden ({B}), got {ids.numel()}")
         self._check_ids(ids)
@@ -398,6 +426,7 @@ class GeRe:
                                  "(corrupt file?)")
         mv = (lambda t: t.to(map_location)) if map_location is not None else (lambda t: t)
         stats = [ActivationStats(mv(state["count"][g]), mv(state["mean"][g]), mv(state["m2"][g])) for g in range(G)]
+        _check_finite(f"{_NAME}.load", stats)
         return cls(stats=stats, labels=mv(state["labels"]), offsets=mv(state["offsets"]), groups=mv(state["groups"]),
                    k=float(state["k"]), layer=state["layer"])
 

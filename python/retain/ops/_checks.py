@@ -1,9 +1,13 @@
-"""Input checks shared by every op: errors name the op, the argument, what was expected and what
-was got. They run in Python before any native call (the native side checks only what it assumes).
+"""The argument checks every public op and strategy uses, so every message has one form:
+``<op>: <argument> must <what was expected>, got <what was got>``. TypeError for a wrong kind of
+value (type, dtype), ValueError for a wrong shape, device, size or range. They run in Python before
+any native call (the native side checks only what it assumes).
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -81,5 +85,67 @@ def check_mask(op: str, mask, shape: Sequence[int], what: str, ref_name: str, re
 
 
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+    """``value`` is one of ``choices`` (strings: a list or None is refused by name, not hashed)."""
+    choices = tuple(choices)
+    if not any(type(value) is type(c) and value == c for c in choices):
+        kind = "" if isinstance(value, type(choices[0])) else f" ({type(value).__name__})"
+        raise ValueError(f"{op}: {name} must be one of {choices}, got {value!r}{kind}")
+
+
+def _scalar(op: str, name: str, value, what: str):
+    """A 1-element tensor's Python value; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.device.type == "meta":
+            raise TypeError(f"{op}: {name} must be {what}, got a {dtype_name(value)} tensor of shape "
+                            f"{tuple(value.shape)} on {value.device}")
+        return value.item()
+    return value
+
+
+def check_int(op: str, name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """A Python (numpy, 1-element integer tensor) integer, not a bool or a float, in [minimum, maximum]."""
+    v = _scalar(op, name, value, "an integer")
+    if isinstance(v, (bool, float)) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        raise TypeError(f"{op}: {name} must be an integer, got {type(v).__name__} {v!r}")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an integer, got {type(v).__name__} {_short(v)}") from None
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{op}: {name} must be <= {maximum}, got {v}")
+    return v
+
+
+def check_number(op: str, name: str, value, *, finite: bool = True, positive: bool = False,
+                 minimum: float | None = None) -> float:
+    """A real number (Python, numpy or 1-element tensor) as a float; ``finite``: NaN and ±inf are
+    errors; ``positive``: > 0; ``minimum``: >= minimum."""
+    v = _scalar(op, name, value, "a real number")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not _is_numpy_real(v):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__} {_short(v)}")
+    v = float(v)
+    if finite and not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite, got {v}")
+    if positive and not v > 0:
+        raise ValueError(f"{op}: {name} must be > 0, got {v}")
+    if minimum is not None and not v >= minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v}")
+    return v
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__} {_short(value)}")
+    return value
+
+
+def _is_numpy_real(v) -> bool:
+    return type(v).__module__ == "numpy" and hasattr(v, "dtype") and v.dtype.kind in "iuf"
+
+
+def _short(v) -> str:
+    """repr(v), cut to 60 characters (a message quotes what it got, not a whole list)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."

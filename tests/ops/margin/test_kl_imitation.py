@@ -188,6 +188,8 @@ KL_BAD = [
     ("dtype", dict(q=torch.zeros(3, 4, 37)), TypeError, "z_ref must have z's dtype float64, got float32"),
     ("int", dict(z=torch.zeros(3, 4, 37, dtype=torch.long)), TypeError, "z must be a floating tensor"),
     ("temperature", dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    ("temperature string", dict(temperature="hot"), TypeError, "temperature must be a real number, got str .hot."),
+    ("temperature nan", dict(temperature=float("nan")), ValueError, "temperature must be finite, got nan"),
     ("mask shape", dict(mask=torch.ones(3, 5, dtype=torch.bool)), ValueError, r"mask must have shape \(3, 4\)"),
     ("reduction", dict(reduction="max"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'max'"),
     ("empty vocab", dict(z=torch.zeros(3, 0, dtype=F64), q=torch.zeros(3, 0, dtype=F64), mask=None), ValueError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retain.ops import pack_tm_labels, unpack_tm_labels
+from retain.ops import activation_stats, pack_tm_labels, tm_thresholds, unpack_tm_labels
 from retain.ops.margin import reference as ref
 
 
@@ -28,3 +28,28 @@ def test_packed_labels_of_a_gere_sample_are_16x_smaller_than_its_activations():
     assert packed.nbytes == 576_512
     assert refs.nbytes == 16 * packed.nbytes
     assert torch.equal(unpack_tm_labels(packed, 4096), ref.tm_labels_ref(refs, pos, neg))
+
+
+def test_pack_and_unpack_refuse_what_has_no_label():
+    ref = torch.randn(2, 3, 8)
+    pos, neg = torch.ones(8), -torch.ones(8)
+    with pytest.raises(ValueError, match=r"retain\.ops\.pack_tm_labels: pos_thr must broadcast against ref's shape "
+                                         r"\(2, 3, 8\) \(e\.g\. \(8,\)\), got \(5,\)"):
+        pack_tm_labels(ref, pos[:5], neg)
+    bad = ref.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"pack_tm_labels: ref must not hold NaN .*got NaN at \[1, 2, 3\]"):
+        pack_tm_labels(bad, pos, neg)
+    with pytest.raises(ValueError, match=r"retain\.ops\.unpack_tm_labels: D must be >= 0, got -1"):
+        unpack_tm_labels(torch.zeros(2, 2, dtype=torch.uint8), -1)
+    with pytest.raises(TypeError, match=r"retain\.ops\.unpack_tm_labels: D must be an integer, got float 8\.0"):
+        unpack_tm_labels(torch.zeros(2, 2, dtype=torch.uint8), 8.0)
+
+
+@pytest.mark.parametrize("tokens", [0, 1])
+def test_thresholds_need_two_tokens(tokens):
+    stats = activation_stats(torch.randn(1, tokens, 4))
+    with pytest.raises(ValueError, match=rf"retain\.ops\.tm_thresholds: stats must count at least 2 tokens .*got {tokens}"):
+        tm_thresholds(stats)
+    with pytest.raises(ValueError, match=r"tm_thresholds: k must be >= 0\.0, got -1\.0"):
+        tm_thresholds(activation_stats(torch.randn(1, 4, 4)), k=-1.0)

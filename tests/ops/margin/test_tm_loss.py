@@ -4,6 +4,7 @@ torch.compile, bad input, CUDA. What every op must satisfy is in tests/ops/test_
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from retain import _native
 from retain.ops import tm_loss
+from retain.ops import _dispatch
 from retain.ops._dispatch import acc_dtype
 from retain.ops.margin import reference as ref
 from tests.helpers import KERNEL_DTYPES, assert_bad_input, assert_close
@@ -229,7 +231,53 @@ BAD = [
     ("mask device", dict(mask=torch.ones(2, 5, dtype=torch.bool, device="meta")), ValueError,
      "mask must be on h's device cpu, got meta"),
     ("reduction", dict(reduction="max"), ValueError, "reduction must be one of"),
+    ("reduction list", dict(reduction=["sum"]), ValueError, r"reduction must be one of .*got \['sum'\] \(list\)"),
+    ("mask list", dict(mask=[[True] * 5] * 2), TypeError, "mask must be a torch.Tensor, got list"),
+    ("label 2", dict(labels=torch.full((2, 5, 11), 2, dtype=torch.int8)), ValueError,
+     r"labels must be int8 in \{-1, 0, 1\}, got 2 at \[0, 0, 0\]"),
+    ("label -128", dict(labels=torch.full((2, 5, 11), -128, dtype=torch.int8)), ValueError,
+     r"labels must be int8 in \{-1, 0, 1\}, got -128"),
+    ("packed code 3", dict(labels=torch.full((2, 5, 3), 0b11, dtype=torch.uint8)), ValueError,
+     "packed labels must hold codes 0, 1, 2 .from pack_tm_labels., got code 3"),
 ]
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["kernel", "fallback"])
+def test_invalid_labels_are_refused_on_counted_rows_only(fallback, monkeypatch):
+    """A label outside {-1, 0, 1} (or packed code 3) is refused by the kernel as it reads it, and by
+    the PyTorch path (fallback, CUDA) in one pass; on a masked-out row it is never read."""
+    monkeypatch.setenv("RETAIN_FALLBACK", "reference")
+    with _dispatch.kernels_disabled("cpu") if fallback else contextlib.nullcontext():
+        _check_invalid_labels()
+
+
+def _check_invalid_labels():
+    h, labels, pos, neg, _ = make_case()
+    bad = labels.clone()
+    bad[1, 3, 7] = 5
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"retain\.ops\.tm_loss: labels must be int8 in \{-1, 0, 1\}, got 5 at \[1, 3, 7\]"):
+        tm_loss(h, bad, pos, neg, mask=mask)
+    mask[1, 3] = False
+    assert_close(tm_loss(h, bad, pos, neg, mask=mask), tm_loss(h, labels, pos, neg, mask=mask))
+
+
+def test_nan_activation_gives_nan_loss_and_zero_slope():
+    """NaN in, NaN out: a NaN activation makes the loss NaN; it has no slope, so its gradient is 0
+    in the kernel and in the reference alike (the other elements' gradients are unchanged)."""
+    h, labels, pos, neg, _ = make_case()
+    h = h.detach().clone()
+    h[0, 1, 2] = float("nan")
+    for fn in (tm_loss, ref.tm_loss_ref):
+        x = h.clone().requires_grad_()
+        loss = fn(x, labels, pos, neg, reduction="sum")
+        loss.backward()
+        assert loss.isnan() and x.grad[0, 1, 2] == 0
+        x2 = h.nan_to_num(0.0).requires_grad_()
+        fn(x2, labels, pos, neg, reduction="sum").backward()
+        keep = torch.ones_like(h, dtype=torch.bool)
+        keep[0, 1, 2] = False
+        assert torch.equal(x.grad[keep], x2.grad[keep])
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])

@@ -369,7 +369,18 @@ BAD_INPUTS = [
      r"cu_seqlens must start at 0, never decrease and end at T = 4, got \[0, 2, 3\]"),
     ("cu_seqlens order", dict(cu_seqlens=torch.tensor([0, 3, 2, 4])), ValueError, r"cu_seqlens must start at 0, never decrease.*got \[0, 3, 2, 4\]"),
     ("cu_seqlens dtype", dict(cu_seqlens=torch.tensor([0.0, 4.0])), TypeError, "cu_seqlens must be int32 or int64"),
-    ("states_every", dict(states_every=0), ValueError, "states_every must be a positive int"),
+    ("states_every", dict(states_every=0), ValueError, "states_every must be >= 1, got 0"),
+    ("states_every float", dict(states_every=2.0), TypeError, "states_every must be an integer, got float 2.0"),
+    ("beta None", dict(beta=None), TypeError, "beta .the step size. must be a tensor .B, T, H. or a Python number, got None"),
+    ("beta string", dict(beta="0.5"), TypeError, "beta must be a real number, got str '0.5'"),
+    ("integer beta", dict(beta=torch.zeros(1, 4, 2, dtype=torch.long)), TypeError, "beta must be a floating tensor"),
+    ("objective list", dict(objective=["l2"]), ValueError, r"objective must be one of .*got \['l2'\] \(list\)"),
+    ("p string", dict(objective="lp", p="3"), TypeError, "p must be a real number, got str '3'"),
+    ("p nan", dict(objective="lp", p=float("nan")), ValueError, "p must be finite, got nan"),
+    ("scale string", dict(scale="half"), TypeError, "scale must be a real number, got str 'half'"),
+    ("l2norm string", dict(use_qk_l2norm="yes"), TypeError, "use_qk_l2norm must be True or False, got str 'yes'"),
+    ("cu_seqlens meta", dict(cu_seqlens=torch.tensor([0, 4], device="meta")), ValueError,
+     "cu_seqlens must hold offsets .* got a tensor on the meta device"),
     ("head dim", dict(q=torch.zeros(1, 4, 2, 1025, dtype=F64), k=torch.zeros(1, 4, 2, 1025, dtype=F64)), ValueError,
      r"head dimension K must be in \[1, 1024\], got 1025"),
 ]
@@ -385,6 +396,29 @@ def test_named_op_errors_name_the_named_op():
     c = _bad()
     with pytest.raises(ValueError, match=r"retain\.ops\.gated_delta_rule: g must have shape"):
         gated_delta_rule(c["q"], c["k"], c["v"], torch.zeros(3, dtype=F64), c["beta"])
+
+
+def test_titans_errors_name_theta_and_alpha():
+    """titans_linear's step size and forgetting gate are named as the caller passed them, not as
+    memory_scan's beta and g."""
+    c = _bad()
+    ok, bad = torch.zeros(1, 4, 2, dtype=F64), torch.zeros(1, 3, 2, dtype=F64)
+    for args, name in (((bad, ok, ok), "theta"), ((ok, bad, ok), "alpha"), ((ok, ok, bad), "eta")):
+        with pytest.raises(ValueError, match=rf"retain\.ops\.titans_linear: {name} must have shape"):
+            titans_linear(c["q"], c["k"], c["v"], *args)
+    with pytest.raises(TypeError, match=r"retain\.ops\.titans_linear: alpha must be a real number, got str"):
+        titans_linear(c["q"], c["k"], c["v"], 0.5, "0.1", 0.0)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 2, 3), (1, 4, 0, 3)], ids=["B=0", "H=0"])
+def test_empty_batch_or_heads_with_grad(shape):
+    """No rows to scan: the forward and backward run and every gradient is empty (the backward
+    used to ask for checkpoints an empty forward has none of)."""
+    q = torch.randn(*shape, dtype=F64, requires_grad=True)
+    k, v = torch.randn(*shape, dtype=F64), torch.randn(*shape[:3], 2, dtype=F64, requires_grad=True)
+    o, _ = gated_delta_rule(q, k, v, torch.zeros(shape[:3], dtype=F64), torch.full(shape[:3], 0.5, dtype=F64))
+    o.sum().backward()
+    assert o.shape == (*shape[:3], 2) and q.grad.shape == q.shape and v.grad.shape == v.shape
 
 
 # CUDA kernel (memory_scan_cuda.cu) --------------------------------------------------------------

@@ -108,21 +108,6 @@ def check_samples(op: str, name: str, grads: Sequence[Tensor], ref_name: str, re
     return 1 if samples is None or samples < 0 else samples
 
 
-def check_number(op: str, name: str, x, *, finite: bool = True) -> float:
-    """A real number (Python or 0-dim tensor) as a float; ``finite``: NaN/inf are errors."""
-    if isinstance(x, Tensor):
-        if x.numel() != 1 or x.is_complex():
-            raise TypeError(f"{op}: {name} must be a real number or a 1-element tensor, got a tensor of shape "
-                            f"{tuple(x.shape)}")
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if finite and x != x or finite and x in (float("inf"), float("-inf")):
-        raise ValueError(f"{op}: {name} must be finite, got {x}")
-    return x
-
-
 def groups(data: Sequence[Tensor], state: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.dtype], list[int]]:
     """The tensor indices of each (data dtype, state dtype) pair, in order of first appearance: one
     native call each."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from retain.ops import _dispatch
+from retain.ops._checks import check_number
 from retain.ops.fisher import _lists, reference
 
 _OP = "grad_moments"
@@ -53,8 +54,8 @@ def accumulate(op: str, state_name: str, state, grads, *, first=None, first_name
     else:
         state = ref
     grads = _lists.check_list(op, "grads", grads, ref_name=ref_name, ref=ref)
-    decay = _lists.check_number(op, "decay", decay)
-    scale = _lists.check_number(op, "scale", scale)
+    decay = check_number(op, "decay", decay)
+    scale = check_number(op, "scale", scale)
     for name, xs in ((ref_name, ref), (state_name, state if first is not None else None)):
         if xs is not None:
             _lists.check_state(op, name, xs, updated=True)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from retain import _native
 from retain.ops import _dispatch
+from retain.ops._checks import check_number
 from retain.ops.fisher import _lists, reference
 
 _OP = "ewc_penalty"
@@ -30,8 +31,8 @@ class EwcArgs:
         if (self.mu is None) != (c is None):
             raise ValueError(f"{op}: c (the rank-1 scale) goes with mu: got mu={'None' if self.mu is None else 'a list'} "
                              f"and c={c!r}")
-        self.c = 0.0 if c is None else _lists.check_number(op, "c", c)
-        self.lam = _lists.check_number(op, "lam", lam)
+        self.c = 0.0 if c is None else check_number(op, "c", c)
+        self.lam = check_number(op, "lam", lam)
         _lists.check_data(op, "params", self.params)
         _lists.check_shapes(op, "anchors", self.anchors, "params", self.params)
         _lists.check_same_dtype(op, "anchors", self.anchors, "params", self.params)

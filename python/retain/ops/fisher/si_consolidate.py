@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from retain.ops import _dispatch
+from retain.ops._checks import check_number
 from retain.ops.fisher import _lists, reference
 
 _OP = "si_consolidate"
@@ -49,7 +50,7 @@ def si_consolidate_(importance: Sequence[Tensor], omega: Sequence[Tensor], param
     omega = _lists.check_list(op, "omega", omega, ref_name="importance", ref=importance)
     params = _lists.check_list(op, "params", params, ref_name="importance", ref=importance)
     anchors = _lists.check_list(op, "anchors", anchors, ref_name="importance", ref=importance)
-    xi = _lists.check_number(op, "xi", xi)
+    xi = check_number(op, "xi", xi)
     if not xi > 0:
         raise ValueError(f"{op}: xi must be > 0 (it keeps parameters that did not move finite), got {xi}")
     if not isinstance(reset, bool):

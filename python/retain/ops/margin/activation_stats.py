@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from retain.ops._checks import check_mask, check_tensor
+from retain.ops._checks import check_mask, check_number, check_tensor
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,14 @@ def tm_thresholds(stats: ActivationStats, k: float = 1.0) -> tuple[Tensor, Tenso
         >>> retain.ops.tm_thresholds(s, k=1.0)
         (tensor([3.4142]), tensor([0.5858]))
     """
+    op = "retain.ops.tm_thresholds"
     if not isinstance(stats, ActivationStats):
-        raise TypeError(f"retain.ops.tm_thresholds: stats must be an ActivationStats (from "
-                        f"retain.ops.activation_stats), got {type(stats).__name__}")
+        raise TypeError(f"{op}: stats must be an ActivationStats (from retain.ops.activation_stats), got "
+                        f"{type(stats).__name__}")
+    k = check_number(op, "k", k, minimum=0.0)
+    count = float(stats.count)
+    if count < 2:
+        raise ValueError(f"{op}: stats must count at least 2 tokens (an unbiased standard deviation needs two), "
+                         f"got {count:g}")
     std = stats.variance(unbiased=True).sqrt()
     return (stats.mean + k * std).float(), (stats.mean - k * std).float()

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from retain import _native
 from retain.ops import _dispatch
-from retain.ops._checks import check_floating, check_like, check_tensor
+from retain.ops._checks import check_floating, check_like, check_number, check_tensor
 from retain.ops.margin import reference
 from retain.ops.margin._token_loss import check_reduction, check_token_mask, reduced_denominator, token_loss
 
@@ -50,11 +50,10 @@ def kl_imitation(z: Tensor, z_ref: Tensor, *, temperature: float = 1.0, mask: Te
     check_like(op, "z_ref", z_ref, "z", z)
     if z.shape[-1] == 0:
         raise ValueError(f"{op}: the vocabulary (last) dimension of z must not be empty")
-    if not float(temperature) > 0:
-        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+    temperature = check_number(op, "temperature", temperature, positive=True)
     mask = check_token_mask(op, mask, "z", z)
     check_reduction(op, reduction)
-    return token_loss(z, z_ref, mask, reduction, 1.0 / float(temperature), rows=lambda *a: kl_imitation_op(*a)[0],
+    return token_loss(z, z_ref, mask, reduction, 1.0 / temperature, rows=lambda *a: kl_imitation_op(*a)[0],
                       reduced=kl_imitation_reduced_op, per_token=1)
 
 

@@ -39,13 +39,19 @@ def unpack_tm_labels_ref(packed: torch.Tensor, D: int) -> torch.Tensor:
     return (codes == CODE_POS).to(torch.int8) - (codes == CODE_NEG).to(torch.int8)
 
 
+def _hinge(x: torch.Tensor) -> torch.Tensor:
+    """max(0, x) with the kernels' slope [x > 0]: NaN stays NaN with a zero gradient (relu's
+    backward would pass the incoming gradient through a NaN), 0 at x = 0."""
+    return torch.where(x > 0, x, torch.where(torch.isnan(x), x.detach(), 0.0))
+
+
 def tm_elementwise_ref(h: torch.Tensor, labels: torch.Tensor, pos_thr: torch.Tensor,
                        neg_thr: torch.Tensor) -> torch.Tensor:
     """The TM loss of every element: label +1: max(0, pos - h); -1: max(0, h - neg);
     0: max(0, h - pos) + max(0, neg - h)."""
-    lp = torch.relu(pos_thr - h)
-    ln = torch.relu(h - neg_thr)
-    l0 = torch.relu(h - pos_thr) + torch.relu(neg_thr - h)
+    lp = _hinge(pos_thr - h)
+    ln = _hinge(h - neg_thr)
+    l0 = _hinge(h - pos_thr) + _hinge(neg_thr - h)
     return torch.where(labels > 0, lp, torch.where(labels < 0, ln, l0))
 
 

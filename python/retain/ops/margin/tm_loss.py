@@ -132,14 +132,35 @@ def tm_loss_op(h: Tensor, labels: Tensor, pos_thr: Tensor, neg_thr: Tensor, mask
     uint8 [B, L, ceil(D/4)]; thresholds [D] or [B, D] in the state dtype; mask uint8 [B, L] or None.
     This body is the fallback, in PyTorch."""
     _dispatch.fallback(_OP, h)
+    _check_labels(labels, mask)
     ell = _elementwise(h, labels, pos_thr, neg_thr, mask)
     denom = _denominator(reduction, (ell > 0).sum(), mask, *h.shape)
     bits = h.new_empty(_slope_bits_shape(h, keep_slope), dtype=torch.int16)
     return (ell.to(torch.float64).sum() / denom).to(acc_dtype(h.dtype)), denom, bits
 
 
+def _check_labels(labels: Tensor, mask: Tensor | None) -> None:
+    """What the CPU kernel checks as it reads the labels (csrc/margin/tm_loss.h, tm_labels_valid),
+    for the paths that do not: int8 in {-1, 0, 1}, packed codes 0-2, on the counted rows. One pass
+    over the labels and a host sync (inside the custom op, so under torch.compile too)."""
+    if labels.dtype == torch.uint8:
+        bad = (labels & (labels >> 1) & 0x55) != 0
+        what = "packed labels must hold codes 0, 1, 2 (from pack_tm_labels), got code 3"
+    else:
+        bad = (labels < -1) | (labels > 1)
+        what = "labels must be int8 in {-1, 0, 1}, got"
+    if mask is not None:
+        bad &= mask.to(torch.bool)[..., None]
+    if bool(bad.any()):
+        at = [int(i) for i in bad.nonzero()[0]]
+        got = "" if labels.dtype == torch.uint8 else f" {int(labels[tuple(at)])}"
+        raise ValueError(f"retain.ops.tm_loss: {what}{got} at {at}")
+
+
 def _forward(h, labels, pos_thr, neg_thr, mask, reduction, keep_slope=False, *, writes_bits: bool):
     B, L, D = h.shape
+    if not writes_bits:  # CUDA: the CPU kernel checks the labels itself
+        _check_labels(labels, mask)
     row_sum = torch.empty(B * L, dtype=torch.float64, device=h.device)
     row_count = torch.empty(B * L, dtype=torch.int64, device=h.device)
     bits = torch.empty(_slope_bits_shape(h, keep_slope), dtype=torch.int16, device=h.device)

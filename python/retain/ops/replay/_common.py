@@ -5,26 +5,9 @@ and decide on the host)."""
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from retain import _native
-
-
-def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
-    """A Python (or numpy / 0-d tensor) integer, not a bool or a float."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise TypeError(f"{op}: {name} must be an integer, got {type(value).__name__} {value!r}")
-    if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point()):
-        raise TypeError(f"{op}: {name} must be an integer, got a {value.dtype} tensor of shape {tuple(value.shape)}")
-    try:
-        v = operator.index(value.item() if isinstance(value, torch.Tensor) else value)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be an integer, got {type(value).__name__}") from None
-    if minimum is not None and v < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {v}")
-    return v
 
 
 def check_generator(op: str, generator) -> torch.Generator | None:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from retain import _native
 from retain.ops._checks import check_tensor, dtype_name
+from retain.ops._checks import check_int
 from retain.ops.replay import _common, reference
 
 _OP = "retain.ops.class_balanced_slots"
@@ -30,8 +31,8 @@ class ClassBalancedState:
 
     @classmethod
     def empty(cls, capacity: int, classes: int) -> ClassBalancedState:
-        capacity = _common.check_int("retain.ops.ClassBalancedState", "capacity", capacity, minimum=1)
-        classes = _common.check_int("retain.ops.ClassBalancedState", "classes", classes, minimum=1)
+        capacity = check_int("retain.ops.ClassBalancedState", "capacity", capacity, minimum=1)
+        classes = check_int("retain.ops.ClassBalancedState", "classes", classes, minimum=1)
         z = torch.zeros(classes, dtype=torch.int64)
         return cls(torch.full((capacity,), -1, dtype=torch.int64), z, z.clone(), torch.zeros(classes, dtype=torch.bool),
                    torch.zeros((), dtype=torch.int64))

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from retain import _native
+from retain.ops._checks import check_int
 from retain.ops.replay import _common, reference
 
 _OP = "retain.ops.reservoir_slots"
@@ -45,9 +46,9 @@ def reservoir_slots(n_seen: int, batch: int, capacity: int, *, generator: torch.
         >>> bool(((s >= -1) & (s < 4)).all()), int((s >= 0).sum()) <= 4
         (True, True)
     """
-    n_seen = _common.check_int(_OP, "n_seen", n_seen, minimum=0)
-    batch = _common.check_int(_OP, "batch", batch, minimum=0)
-    capacity = _common.check_int(_OP, "capacity", capacity, minimum=1)
+    n_seen = check_int(_OP, "n_seen", n_seen, minimum=0)
+    batch = check_int(_OP, "batch", batch, minimum=0)
+    capacity = check_int(_OP, "capacity", capacity, minimum=1)
     _common.check_generator(_OP, generator)
     seed = _common.draw_seed(generator)
     if _common.native(_OP, "reservoir_slots"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retain.ops.replay import _common
+from retain.ops._checks import check_int
 
 _OP = "retain.ops.ring_slots"
 
@@ -32,8 +32,8 @@ def ring_slots(n_seen: int, batch: int, capacity: int, *, device: torch.device |
         >>> retain.ops.ring_slots(0, 6, 4)          # the first two are overwritten in the same batch
         tensor([-1, -1,  2,  3,  0,  1])
     """
-    n_seen = _common.check_int(_OP, "n_seen", n_seen, minimum=0)
-    batch = _common.check_int(_OP, "batch", batch, minimum=0)
-    capacity = _common.check_int(_OP, "capacity", capacity, minimum=1)
+    n_seen = check_int(_OP, "n_seen", n_seen, minimum=0)
+    batch = check_int(_OP, "batch", batch, minimum=0)
+    capacity = check_int(_OP, "capacity", capacity, minimum=1)
     i = torch.arange(n_seen, n_seen + batch, dtype=torch.int64, device=device)
     return torch.where(i >= n_seen + batch - capacity, i % capacity, -1)

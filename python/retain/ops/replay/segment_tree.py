@@ -12,6 +12,7 @@ from torch import Tensor
 from retain import _native
 from retain.ops import _dispatch
 from retain.ops._checks import check_tensor, dtype_name
+from retain.ops._checks import check_int
 from retain.ops.replay import _common, reference
 
 _SUM, _MIN = 0, 1
@@ -23,7 +24,7 @@ class _SegmentTree:
     _name: str
 
     def __init__(self, capacity: int, *, device: torch.device | str = "cpu"):
-        self.capacity = _common.check_int(self._name, "capacity", capacity, minimum=1)
+        self.capacity = check_int(self._name, "capacity", capacity, minimum=1)
         self.leaves = 1 << (self.capacity - 1).bit_length()
         self.device = torch.device(device)
         self.tree = torch.full((2 * self.leaves,), self._identity, dtype=torch.float64, device=self.device)
@@ -166,7 +167,7 @@ class SumTree(_SegmentTree):
         (lower variance, as in PER); ``stratified=False`` draws i.i.d. (as torchrl does). The
         uniforms come from ``generator`` (on its own device; torch's default CPU generator when None)."""
         op = "retain.ops.SumTree.sample"
-        n = _common.check_int(op, "n", n, minimum=0)
+        n = check_int(op, "n", n, minimum=0)
         _common.check_generator(op, generator)
         gen_device = generator.device if generator is not None else torch.device("cpu")
         u = torch.rand(n, dtype=torch.float64, generator=generator, device=gen_device).to(self.device)

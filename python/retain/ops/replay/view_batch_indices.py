@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retain.ops.replay import _common
+from retain.ops._checks import check_int
 
 _OP = "retain.ops.view_batch_indices"
 
@@ -44,15 +44,15 @@ def view_batch_indices(n: int, repeats: int, epoch: int, rank: int = 0, world: i
         >>> all(len(e[t] & e[t + 2]) == 0 for t in range(2))   # a sample seen in epoch t rests in t + 2
         True
     """
-    n = _common.check_int(_OP, "n", n, minimum=0)
-    repeats = _common.check_int(_OP, "repeats", repeats, minimum=1)
-    epoch = _common.check_int(_OP, "epoch", epoch, minimum=0)
-    world = _common.check_int(_OP, "world", world, minimum=1)
-    rank = _common.check_int(_OP, "rank", rank, minimum=0)
+    n = check_int(_OP, "n", n, minimum=0)
+    repeats = check_int(_OP, "repeats", repeats, minimum=1)
+    epoch = check_int(_OP, "epoch", epoch, minimum=0)
+    world = check_int(_OP, "world", world, minimum=1)
+    rank = check_int(_OP, "rank", rank, minimum=0)
     if rank >= world:
         raise ValueError(f"{_OP}: rank must be < world ({world}), got {rank}")
-    rest = repeats if rest is None else _common.check_int(_OP, "rest", rest, minimum=0)
-    seed = _common.check_int(_OP, "seed", seed)
+    rest = repeats if rest is None else check_int(_OP, "rest", rest, minimum=0)
+    seed = check_int(_OP, "seed", seed)
     period = repeats + rest
     g = torch.Generator().manual_seed(seed)
     group = torch.empty(n, dtype=torch.int64)

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from retain import _native
 from retain.ops import _dispatch
-from retain.ops._checks import check_choice, check_floating, check_same, check_shape, check_tensor, dtype_name
+from retain.ops._checks import (check_bool, check_choice, check_floating, check_int, check_number, check_same, check_shape,
+                                check_tensor, dtype_name)
 from retain.ops._dispatch import acc_dtype
 from retain.ops.scan import reference
 from retain.ops.scan.reference import OBJECTIVES
@@ -95,9 +96,12 @@ def _as_gate(op: str, name: str, x, ref: Tensor, shape) -> Tensor | None:
     """A per-step gate given as a tensor of ``shape`` or a Python number (broadcast, no gradient)."""
     if x is None:
         return None
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return torch.full(shape, float(x), dtype=ref.dtype, device=ref.device)
-    check_tensor(op, name, x)
+    if not isinstance(x, torch.Tensor):
+        x = check_number(op, name, x, finite=False)  # a NaN or inf gate is data: NaN in, NaN out
+        return torch.full(shape, x, dtype=ref.dtype, device=ref.device)
+    if x.is_complex() or not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating tensor {list(shape)} or a Python number, got a "
+                        f"{dtype_name(x)} tensor")
     check_same(op, "q", ref, **{name: x})
     check_shape(op, name, x, shape, "[B, T, H]")
     return x
@@ -116,9 +120,11 @@ def _state(op: str, name: str, x, shape, dtype, device) -> Tensor | None:
 
 def memory_scan_checked(op, q, k, v, beta, *, g=None, eta=None, objective="l2", p=3.0, delta=1.0, scale=None,
                  initial_state=None, output_final_state=False, cu_seqlens=None, use_qk_l2norm=False,
-                 states_every=None, retention_first=False, gate_log=True):
-    """memory_scan with every argument checked, errors naming ``op`` (the public op's name):
-    what the named ops (linear_attn, delta_rule, ...) call."""
+                 states_every=None, retention_first=False, gate_log=True, names=None):
+    """memory_scan with every argument checked, errors naming ``op`` (the public op's name) and the
+    argument by the caller's name for it (``names``: e.g. titans_linear's theta for beta): what the
+    named ops (linear_attn, delta_rule, ...) call."""
+    names = {"beta": "beta", "g": "g", "eta": "eta", **(names or {})}
     check_tensor(op, "q", q, ndim=4)
     check_floating(op, "q", q)
     B, T, H, K = q.shape
@@ -131,20 +137,27 @@ def memory_scan_checked(op, q, k, v, beta, *, g=None, eta=None, objective="l2", 
     for name, size in (("K", K), ("V", V)):
         if not 1 <= size <= MAX_HEAD_DIM:
             raise ValueError(f"{op}: head dimension {name} must be in [1, {MAX_HEAD_DIM}], got {size}")
-    beta = _as_gate(op, "beta", beta, q, (B, T, H))
-    eta = _as_gate(op, "eta", eta, q, (B, T, H))
+    if beta is None:
+        raise TypeError(f"{op}: {names['beta']} (the step size) must be a tensor [B, T, H] or a Python number, "
+                        "got None")
+    beta = _as_gate(op, names["beta"], beta, q, (B, T, H))
+    eta = _as_gate(op, names["eta"], eta, q, (B, T, H))
     if g is not None:
-        check_tensor(op, "g", g)
-        check_same(op, "q", q, g=g)
+        check_tensor(op, names["g"], g)
+        check_same(op, "q", q, **{names["g"]: g})
         if tuple(g.shape) not in ((B, T, H), (B, T, H, K)):
-            raise ValueError(f"{op}: g must have shape {(B, T, H)} (per head) or {(B, T, H, K)} (per key), "
-                             f"got {tuple(g.shape)}")
+            raise ValueError(f"{op}: {names['g']} must have shape {(B, T, H)} (per head) or {(B, T, H, K)} "
+                             f"(per key), got {tuple(g.shape)}")
     check_choice(op, "objective", objective, OBJECTIVES)
+    p = check_number(op, "p", p)
+    delta = check_number(op, "delta", delta)
     if objective == "lp" and not p >= 1.0:
         raise ValueError(f"{op}: p must be >= 1 for objective 'lp', got {p}")
     if objective == "huber" and not delta > 0.0:
         raise ValueError(f"{op}: delta must be > 0 for objective 'huber', got {delta}")
-    scale = K**-0.5 if scale is None else float(scale)
+    scale = K**-0.5 if scale is None else check_number(op, "scale", scale)
+    use_qk_l2norm = check_bool(op, "use_qk_l2norm", use_qk_l2norm)
+    output_final_state = check_bool(op, "output_final_state", output_final_state)
 
     N = B
     if cu_seqlens is not None:
@@ -153,6 +166,9 @@ def memory_scan_checked(op, q, k, v, beta, *, g=None, eta=None, objective="l2", 
             raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {dtype_name(cu_seqlens)}")
         if B != 1:
             raise ValueError(f"{op}: cu_seqlens requires B == 1 (sequences packed along T), got B = {B}")
+        if cu_seqlens.device.type == "meta" and q.device.type != "meta":
+            raise ValueError(f"{op}: cu_seqlens must hold offsets (a CPU tensor or on q's device {q.device}), "
+                             "got a tensor on the meta device")
         if cu_seqlens.numel() < 2:
             raise ValueError(f"{op}: cu_seqlens must hold at least 2 offsets [0, ..., T], got {cu_seqlens.numel()}")
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64)
@@ -178,9 +194,7 @@ def memory_scan_checked(op, q, k, v, beta, *, g=None, eta=None, objective="l2", 
 
     L, rows = 0, 0
     if states_every is not None:
-        if isinstance(states_every, bool) or not isinstance(states_every, int) or states_every < 1:
-            raise ValueError(f"{op}: states_every must be a positive int, got {states_every!r}")
-        L = states_every
+        L = check_int(op, "states_every", states_every, minimum=1)
         if cu_seqlens is None:
             rows = T // L
         else:
@@ -324,7 +338,7 @@ def _backward_launch(grad_o, grad_final_S, grad_final_Z, grad_states, q, k, v, b
     """What both backward kernels take: (gradient buffers, dtype code, parameter dict, gradient
     dict, whether there is anything to compute, the contiguous inputs the dicts point into —
     which the caller must hold until the kernel has run)."""
-    if ckpt_S.numel() == 0 and q.shape[1] > 0:
+    if ckpt_S.numel() == 0 and q.numel() > 0:
         raise RuntimeError("retain::memory_scan: backward without saved checkpoints (the forward ran with "
                            "save_ckpt=False); call retain.ops.memory_scan, which sets it when grad is needed")
     q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z = _dispatch.contiguous(

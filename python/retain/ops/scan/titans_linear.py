@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retain.ops._checks import check_tensor
+from retain.ops._checks import check_number, check_tensor
 from retain.ops.scan.memory_scan import memory_scan_checked
 
 
@@ -29,12 +29,12 @@ def titans_linear(q: Tensor, k: Tensor, v: Tensor, theta: Tensor | float, alpha:
     """
     op = "retain.ops.titans_linear"
     check_tensor(op, "q", q, ndim=4)
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-        alpha = torch.full(q.shape[:3], float(alpha), dtype=q.dtype, device=q.device)
-    check_tensor(op, "alpha", alpha)
+    if not isinstance(alpha, Tensor):
+        alpha = torch.full(q.shape[:3], check_number(op, "alpha", alpha, finite=False), dtype=q.dtype, device=q.device)
     if eta is None:
         eta = 0.0
     o, final, _ = memory_scan_checked(op, q, k, v, theta, g=1 - alpha, eta=eta, objective="l2", scale=scale,
                                initial_state=initial_state, output_final_state=output_final_state,
-                               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, gate_log=False)
+                               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, gate_log=False,
+                               names={"beta": "theta", "g": "alpha"})
     return o, final
