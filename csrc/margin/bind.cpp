@@ -1,5 +1,7 @@
 // The margin family's entries in retain._C (tm_loss, kl_imitation, feature_imitation). Thin:
 // pointer checks, dtype dispatch, the launcher call (common/bind.h); no math.
+#include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 
@@ -9,6 +11,24 @@
 #include "margin/tm_loss.h"
 
 namespace retain {
+
+namespace margin {
+[[noreturn]] void throw_invalid_tm_labels(const int8_t* row, int64_t b, int64_t l, int64_t D) {
+  int64_t d = 0;
+  while (d + 1 < D && static_cast<uint8_t>(row[d] + 1) <= 2) ++d;
+  throw std::invalid_argument("retain.ops.tm_loss: labels must be int8 in {-1, 0, 1}, got " + std::to_string(row[d]) +
+                              " at [" + std::to_string(b) + ", " + std::to_string(l) + ", " + std::to_string(d) + "]");
+}
+[[noreturn]] void throw_invalid_tm_labels(const uint8_t* row, int64_t b, int64_t l, int64_t D) {
+  int64_t d = 0;
+  while (d + 1 < (D + 3) / 4 * 4 && ((row[d / 4] >> (d % 4 * 2)) & 3) != 3) ++d;
+  throw std::invalid_argument("retain.ops.tm_loss: packed labels must hold codes 0, 1, 2 (from pack_tm_labels), got "
+                              "code 3 for feature " + std::to_string(d) + " at [" + std::to_string(b) + ", " +
+                              std::to_string(l) + "]" + (d >= D ? " (a padding code of the last byte)" : ""));
+}
+
+}  // namespace margin
+
 namespace {
 
 constexpr const char* kTmLoss = "retain::tm_loss";

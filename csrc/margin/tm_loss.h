@@ -67,6 +67,12 @@ RETAIN_FORCE_INLINE bool tm_labels_valid(const uint8_t* row, int64_t n) {
   return !bad;
 }
 
+// The error for row (b, l) of labels, naming its first invalid element. Defined once in
+// margin/bind.cpp, outside the per-capability builds (it formats strings, which must not be
+// compiled per capability: cmake/check_cpu_symbols.py).
+[[noreturn]] void throw_invalid_tm_labels(const int8_t* row, int64_t b, int64_t l, int64_t D);
+[[noreturn]] void throw_invalid_tm_labels(const uint8_t* row, int64_t b, int64_t l, int64_t D);
+
 // Per-row partial results: row_sum[b*L + l] = sum of the row's losses, row_count = #losses > 0.
 // slope_bits (or null) keeps the sign of every element's slope for the backward, 2 bits an
 // element: row r's words [r * W, (r + 1) * W), W = tm_slope_words(D), hold for each block k of

@@ -435,21 +435,6 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
   stream_fence(stream);
 }
 
-// The error for row (b, l) of labels, naming its first invalid element.
-[[noreturn]] void throw_invalid_labels(const int8_t* row, int64_t b, int64_t l, int64_t D) {
-  int64_t d = 0;
-  while (d + 1 < D && static_cast<uint8_t>(row[d] + 1) <= 2) ++d;
-  throw std::invalid_argument("retain.ops.tm_loss: labels must be int8 in {-1, 0, 1}, got " + std::to_string(row[d]) +
-                              " at [" + std::to_string(b) + ", " + std::to_string(l) + ", " + std::to_string(d) + "]");
-}
-[[noreturn]] void throw_invalid_labels(const uint8_t* row, int64_t b, int64_t l, int64_t D) {
-  int64_t d = 0;
-  while (d + 1 < (D + 3) / 4 * 4 && ((row[d / 4] >> (d % 4 * 2)) & 3) != 3) ++d;
-  throw std::invalid_argument("retain.ops.tm_loss: packed labels must hold codes 0, 1, 2 (from pack_tm_labels), got "
-                              "code 3 for feature " + std::to_string(d) + " at [" + std::to_string(b) + ", " +
-                              std::to_string(l) + "]" + (d >= D ? " (a padding code of the last byte)" : ""));
-}
-
 }  // namespace
 
 template <CpuCapability C, typename T, typename Lab, typename A>
@@ -461,7 +446,7 @@ void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* 
     fwd_rows<T, Lab, A>(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, row_sum, row_count, slope_bits,
                  r0, r1, bad_row);
   });
-  if (const int64_t r = bad_row.load(); r < B * L) throw_invalid_labels(labels + r * label_row, r / L, r % L, D);
+  if (const int64_t r = bad_row.load(); r < B * L) throw_invalid_tm_labels(labels + r * label_row, r / L, r % L, D);
 }
 
 template <CpuCapability C, typename T, typename Lab, typename A>
