@@ -41,10 +41,10 @@
 #endif
 
 // RETAIN_CPU(ns::launcher_cpu)(args...) calls the build of a CPU launcher compiled for the active
-// CPU capability (common/cpu_capability.h).
+// CPU capability (common/cpu_capability.h) and returns what it returns.
 #define RETAIN_CPU(LAUNCHER)                                                                    \
   [&](auto&&... args) {                                                                         \
-    ::retain::cpu_dispatch([&](auto cap) { LAUNCHER<decltype(cap)::value>(args...); });         \
+    return ::retain::cpu_dispatch([&](auto cap) { return LAUNCHER<decltype(cap)::value>(args...); }); \
   }
 
 // RETAIN_LAUNCH(dev, ns::name)(args...) inside a bind::def body: ns::name_cpu through RETAIN_CPU

@@ -12,7 +12,10 @@
 
 namespace retain {
 
-namespace margin {
+namespace {
+
+// The error for row (b, l) of labels (the forward's first invalid row), naming its first invalid
+// element.
 [[noreturn]] void throw_invalid_tm_labels(const int8_t* row, int64_t b, int64_t l, int64_t D) {
   int64_t d = 0;
   while (d + 1 < D && static_cast<uint8_t>(row[d] + 1) <= 2) ++d;
@@ -26,10 +29,6 @@ namespace margin {
                               "code 3 for feature " + std::to_string(d) + " at [" + std::to_string(b) + ", " +
                               std::to_string(l) + "]" + (d >= D ? " (a padding code of the last byte)" : ""));
 }
-
-}  // namespace margin
-
-namespace {
 
 constexpr const char* kTmLoss = "retain::tm_loss";
 constexpr const char* kKl = "retain::kl_imitation";
@@ -70,8 +69,9 @@ void bind_tm_loss(py::module_& m, bind::KernelTable& kernels) {
         auto* bits = as_mut_ptr<uint16_t>(slope_bits, op, "slope_bits", true);
         tm_loss_dispatch(dtype, packed, h, labels, pos, neg, mask, B, L, D,
                          [&](auto hp, auto lp, auto pp, auto np, auto mp) {
-          RETAIN_CPU(margin::tm_loss_fwd_cpu)(hp, lp, label_row, pp, np, per_sample, mp, B, L, D, sums, counts,
-                                              bits, dev.threads);
+          const int64_t bad = RETAIN_CPU(margin::tm_loss_fwd_cpu)(hp, lp, label_row, pp, np, per_sample, mp, B, L, D,
+                                                                  sums, counts, bits, dev.threads);
+          if (bad >= 0) throw_invalid_tm_labels(lp + bad * label_row, bad / L, bad % L, D);
         });
       });
   bind::def<Cpu>(m, kernels, op, "tm_loss_bwd_bits",

@@ -67,20 +67,15 @@ RETAIN_FORCE_INLINE bool tm_labels_valid(const uint8_t* row, int64_t n) {
   return !bad;
 }
 
-// The error for row (b, l) of labels, naming its first invalid element. Defined once in
-// margin/bind.cpp, outside the per-capability builds (it formats strings, which must not be
-// compiled per capability: cmake/check_cpu_symbols.py).
-[[noreturn]] void throw_invalid_tm_labels(const int8_t* row, int64_t b, int64_t l, int64_t D);
-[[noreturn]] void throw_invalid_tm_labels(const uint8_t* row, int64_t b, int64_t l, int64_t D);
-
 // Per-row partial results: row_sum[b*L + l] = sum of the row's losses, row_count = #losses > 0.
 // slope_bits (or null) keeps the sign of every element's slope for the backward, 2 bits an
 // element: row r's words [r * W, (r + 1) * W), W = tm_slope_words(D), hold for each block k of
 // 16 elements the mask of slope +1 (word 2k) and of slope -1 (word 2k + 1); 0 for masked rows.
 // CPU launchers: one build per CPU capability C (call through retain::cpu_dispatch). The forward
-// throws std::invalid_argument, naming the first row, when a counted row holds an invalid label.
+// returns the first counted row (b * L + l) that holds an invalid label, -1 when there is none (the
+// binding formats the error: no strings are built in the per-capability code).
 template <CpuCapability C, typename T, typename Lab, typename A>
-void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
+int64_t tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
                      double* row_sum, int64_t* row_count, uint16_t* slope_bits, int nthreads);
 

@@ -438,7 +438,7 @@ RETAIN_FORCE_INLINE void bits_rows(const uint16_t* __restrict slope_bits, int64_
 }  // namespace
 
 template <CpuCapability C, typename T, typename Lab, typename A>
-void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
+int64_t tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* pos, const A* neg,
                      bool per_sample_thresholds, const uint8_t* mask, int64_t B, int64_t L, int64_t D,
                      double* row_sum, int64_t* row_count, uint16_t* slope_bits, int nthreads) {
   std::atomic<int64_t> bad_row{B * L};
@@ -446,7 +446,8 @@ void tm_loss_fwd_cpu(const T* h, const Lab* labels, int64_t label_row, const A* 
     fwd_rows<T, Lab, A>(h, labels, label_row, pos, neg, per_sample_thresholds, mask, L, D, row_sum, row_count, slope_bits,
                  r0, r1, bad_row);
   });
-  if (const int64_t r = bad_row.load(); r < B * L) throw_invalid_tm_labels(labels + r * label_row, r / L, r % L, D);
+  const int64_t r = bad_row.load();
+  return r < B * L ? r : -1;
 }
 
 template <CpuCapability C, typename T, typename Lab, typename A>
@@ -477,7 +478,7 @@ template void tm_loss_bwd_bits_cpu<kThisCpu, bf16_t>(const uint16_t*, int64_t, i
 template void tm_loss_bwd_bits_cpu<kThisCpu, f16_t>(const uint16_t*, int64_t, int64_t, double, f16_t*, int);
 
 #define RETAIN_INSTANTIATE(T, Lab)                                                                            \
-  template void tm_loss_fwd_cpu<kThisCpu, T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \
+  template int64_t tm_loss_fwd_cpu<kThisCpu, T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*, \
                                                 bool, const uint8_t*, int64_t, int64_t, int64_t, double*,       \
                                                 int64_t*, uint16_t*, int);                                     \
   template void tm_loss_bwd_cpu<kThisCpu, T, Lab, Acc<T>>(const T*, const Lab*, int64_t, const Acc<T>*, const Acc<T>*,   \

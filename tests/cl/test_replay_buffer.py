@@ -88,7 +88,7 @@ def test_uniform_sampling_with_and_without_replacement():
     assert_fits(torch.bincount(s["index"], minlength=30), torch.full((30,), 1000.0), "uniform sampling")
     s = buf.sample(30, replace=False)
     assert sorted(s["index"].tolist()) == list(range(30))
-    with pytest.raises(ValueError, match=r"ReplayBuffer.sample: cannot draw 31 items without replacement from 30"):
+    with pytest.raises(ValueError, match=r"ReplayBuffer.sample: n must be at most the 30 items stored when drawing without replacement, got 31"):
         buf.sample(31, replace=False)
 
 
@@ -287,9 +287,9 @@ def test_bad_construction(kwargs, exc, pattern):
 
 
 @pytest.mark.parametrize("batch,exc,pattern", [
-    ({"x": torch.zeros(2, 3)}, ValueError, r"missing field\(s\) \['y'\]"),
+    ({"x": torch.zeros(2, 3)}, ValueError, r"batch must hold every field of the buffer \['x', 'y'\], got no \['y'\]"),
     ({"x": torch.zeros(2, 3), "y": torch.zeros(2, dtype=torch.long), "z": torch.zeros(2)}, ValueError,
-     r"unknown field\(s\) \['z'\]"),
+     r"batch must hold the buffer's fields \['x', 'y'\], got unknown field\(s\) \['z'\]"),
     ({"x": torch.zeros(2, 4), "y": torch.zeros(2, dtype=torch.long)}, ValueError,
      r"batch\['x'\] must have shape \(batch, \*\(3,\)\), got \(2, 4\)"),
     ({"x": torch.zeros(2, 3, dtype=torch.float64), "y": torch.zeros(2, dtype=torch.long)}, TypeError,
@@ -313,7 +313,7 @@ def test_bad_sample_and_priorities():
             buf.update_priorities(torch.tensor([0]), p)
     with pytest.raises(IndexError, match=r"update_priorities: index must be in \[0, 3\)"):
         buf.update_priorities(torch.tensor([3]), torch.tensor([1.0]))
-    with pytest.raises(ValueError, match=r"ReplayBuffer.sample: n must be an int >= 0, got -2"):
+    with pytest.raises(ValueError, match=r"ReplayBuffer.sample: n must be >= 0, got -2"):
         buf.sample(-2)
     with pytest.raises(ValueError, match=r"the buffer's policy is 'reservoir', not 'prioritized'"):
         ReplayBuffer(4, FIELDS).update_priorities(torch.tensor([0]), torch.tensor([1.0]))

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz.cases import OPS
+from tests.fuzz.cases import OPS, STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", [*OPS, *STRATEGIES])
 def test_every_bad_argument_works_or_is_a_clear_error(op):
     run = subprocess.run([sys.executable, "-m", "tests.fuzz.runner", op], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})

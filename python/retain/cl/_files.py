@@ -11,7 +11,6 @@ import os
 import pickle
 import struct
 import tempfile
-import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -110,6 +109,21 @@ def _join(obj, tensors: list[Tensor]):
     return obj
 
 
+def _spec_dtype(spec) -> torch.dtype:
+    """A tensor's description in a header, checked to be self-consistent (a damaged header fails
+    here, not in a view or a reshape); its dtype. Raises ValueError, KeyError or TypeError."""
+    dtype = getattr(torch, spec["dtype"], None)
+    shape, offset, nbytes = spec["shape"], spec["offset"], spec["nbytes"]
+    if not isinstance(dtype, torch.dtype) or not all(type(v) is int and v >= 0 for v in (*shape, offset, nbytes)):
+        raise ValueError("a malformed tensor description")
+    numel = 1
+    for n in shape:
+        numel *= n
+    if offset % _ALIGN or nbytes != numel * dtype.itemsize:
+        raise ValueError("a malformed tensor description")
+    return dtype
+
+
 def save_tensor_file(state: dict, path: str | os.PathLike) -> None:
     """``state`` (nested dicts and lists of tensors and JSON values) to ``path`` atomically, with the
     checksum of the whole payload."""
@@ -150,7 +164,7 @@ def load_torch_file(path: str | os.PathLike, what: str) -> dict:
     except pickle.UnpicklingError as e:  # weights_only refused an object: never advise turning it off
         raise ValueError(f"{what}: {path!r} holds objects other than tensors and plain values, which retain never "
                          f"writes; refusing to load it ({str(e).splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError) as e:
+    except Exception as e:  # noqa: BLE001  (torch.load of damaged bytes raises almost anything)
         raise ValueError(f"{what}: {path!r} is not a readable retain file (truncated or corrupt: "
                          f"{type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict):
@@ -176,21 +190,20 @@ def load_tensor_file(path: str | os.PathLike, what: str) -> dict:
         try:
             header = json.loads(f.read(length)) if length <= size else None
             meta, specs, crc = header["state"], header["tensors"], header[_CHECKSUM]
-        except (ValueError, KeyError, TypeError):
+            dtypes = [_spec_dtype(s) for s in specs]
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ValueError(f"{what}: {path!r} has a corrupt header (truncated or modified)") from None
     start = -(-(len(MAGIC) + 8 + length) // _ALIGN) * _ALIGN
     end = max((start + s["offset"] + s["nbytes"] for s in specs), default=start)
     if end > size:
         raise ValueError(f"{what}: {path!r} is truncated: {size} bytes, its header describes {end}")
-    data = torch.from_file(path, shared=False, size=size, dtype=torch.uint8) if size else None
-    tensors = []
-    for s in specs:
-        dtype = getattr(torch, s["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"{what}: {path!r} names an unknown dtype {s['dtype']!r}")
-        lo = start + s["offset"]
-        tensors.append(data[lo:lo + s["nbytes"]].view(dtype).reshape(s["shape"]))
-    state = _join(meta, tensors)
+    data = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+    tensors = [data[start + s["offset"]:start + s["offset"] + s["nbytes"]].view(dtype).reshape(s["shape"])
+               for s, dtype in zip(specs, dtypes)]
+    try:
+        state = _join(meta, tensors)
+    except IndexError:
+        raise ValueError(f"{what}: {path!r} has a corrupt header (truncated or modified)") from None
     if crc != checksum(state):
         raise ValueError(f"{what}: {path!r} fails its checksum: the file was modified or corrupted after it was "
                          "written")
@@ -206,3 +219,18 @@ def check_header(state, where: str, what: str, fmt: str, version: int, hint: str
     if state.get("version") != version:
         raise ValueError(f"{where}: format version {state.get('version')} is not supported (this retain reads "
                          f"version {version}){hint}")
+
+
+class FileCheckpoint:
+    """``save(path)`` / ``load(path)`` for a strategy with ``state_dict`` / ``load_state_dict``: the
+    state as a retain tensor file, written atomically (temporary file, fsync, rename: a crash
+    mid-save leaves the previous file intact) with a checksum of the whole payload, verified on load;
+    nothing is unpickled. A truncated, corrupted or foreign file raises a ValueError naming it."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to ``path`` (atomic, checksummed)."""
+        save_tensor_file(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore what :meth:`save` wrote to ``path``, after verifying its checksum."""
+        self.load_state_dict(load_tensor_file(path, f"retain.cl.{type(self).__name__}.load"))

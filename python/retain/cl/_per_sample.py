@@ -11,16 +11,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retain.cl._files import check_header
+
 MAX_CHUNK_BYTES = 256 << 20  # per-sample gradients of one chunk: at most this much memory
 
 
-def check_state_dict(op: str, state, fmt: str, names: Sequence[str]) -> None:
-    """``state`` is a state dict of ``fmt`` saved for the parameters ``names``."""
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        raise ValueError(f"{op}: not a {fmt} state dict")
+def check_state_dict(op: str, state, fmt: str, names: Sequence[str], keys: Iterable[str]) -> None:
+    """``state`` is a version-1 state dict of ``fmt`` holding ``keys``, saved for the parameters ``names``."""
+    check_header(state, op, f"a {fmt} state dict", fmt, 1)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{op}: the state dict lacks {missing} (an incomplete or foreign state dict)")
     if list(state["names"]) != list(names):
         raise ValueError(f"{op}: the state was saved for parameters {list(state['names'])[:3]}..., this model has "
                          f"{list(names)[:3]}...")
+
+
+def check_like_params(op: str, what: str, tensors, params: Sequence[Tensor]) -> None:
+    """``tensors`` (a saved list, or None) holds one tensor of each parameter's shape."""
+    if tensors is None:
+        return
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(params):
+        got = f"{len(tensors)} entries" if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+        raise ValueError(f"{op}: {what} must hold one tensor per parameter ({len(params)}), got {got}")
+    for t, p in zip(tensors, params):
+        if not isinstance(t, Tensor) or t.shape != p.shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {what} has shape {got} where the parameter has {tuple(p.shape)}")
 
 
 def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retain.cl import _per_sample as ps
+from retain.cl._files import FileCheckpoint
 from retain.ops.fisher import (ewc_penalty, ewc_penalty_grad_, fisher_accumulate_, rank1_accumulate_,
                                rank1_coefficient)
 
@@ -33,7 +34,7 @@ class _Anchor:
     samples: int = 0
 
 
-class EWC:
+class EWC(FileCheckpoint):
     r"""Elastic weight consolidation for continual learning.
 
     After each task, :meth:`consolidate` estimates the Fisher information of the model's
@@ -270,19 +271,19 @@ class EWC:
     def state_dict(self) -> dict:
         return {"format": _NAME, "version": 1, "mode": self.mode, "lam": self.lam, "online_gamma": self.online_gamma,
                 "fisher": self.fisher, "names": list(self.names),
-                "anchors": [{"params": a.params, "diag": a.diag, "rank1": [(m, c) for m, c in a.rank1],
+                "anchors": [{"params": list(a.params), "diag": _copy(a.diag), "rank1": [(list(m), c) for m, c in a.rank1],
                              "samples": a.samples} for a in self.anchors]}
 
     def load_state_dict(self, state: dict) -> None:
         op = f"{_NAME}.load_state_dict"
-        ps.check_state_dict(op, state, _NAME, self.names)
+        ps.check_state_dict(op, state, _NAME, self.names, self.state_dict())
         anchors = []
         device = self.params[0].device
-        for a in state["anchors"]:
-            for t, p in zip(a["params"], self.params):
-                if t.shape != p.shape:
-                    raise ValueError(f"{op}: a saved anchor has shape {tuple(t.shape)} where the parameter has "
-                                     f"{tuple(p.shape)}")
+        for i, a in enumerate(state["anchors"]):
+            ps.check_like_params(op, f"anchors[{i}]['params']", a["params"], self.params)
+            ps.check_like_params(op, f"anchors[{i}]['diag']", a["diag"], self.params)
+            for j, (m, _) in enumerate(a["rank1"]):
+                ps.check_like_params(op, f"anchors[{i}]['rank1'][{j}]", m, self.params)
             move = (lambda ts: None if ts is None else [t.to(device) for t in ts])  # noqa: E731
             anchors.append(_Anchor(move(a["params"]), move(a["diag"]),
                                    [(move(m), float(c)) for m, c in a["rank1"]], int(a["samples"])))
@@ -292,6 +293,11 @@ class EWC:
     def __repr__(self) -> str:
         return (f"{_NAME}(mode={self.mode!r}, lam={self.lam}, online_gamma={self.online_gamma}, "
                 f"fisher={self.fisher!r}, anchors={len(self.anchors)}, parameters={sum(p.numel() for p in self.params)})")
+
+
+def _copy(tensors: list[Tensor] | None) -> list[Tensor] | None:
+    """A new list of the same tensors: a state dict's lists are the caller's to change."""
+    return None if tensors is None else list(tensors)
 
 
 def _checksum(args: tuple[Tensor, ...]) -> tuple:

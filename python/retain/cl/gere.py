@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from retain.cl._files import check_header, is_tensor_file, load_tensor_file, load_torch_file, save_tensor_file
-from retain.ops._checks import check_number
+from retain.ops._checks import check_floating, check_mask, check_number, check_tensor
 from retain.ops.margin import ActivationStats, activation_stats, pack_tm_labels, tm_loss, tm_thresholds
 
 __all__ = ["GeRe", "forward_with_hidden", "gere_total_loss"]
@@ -332,8 +332,7 @@ class GeRe:
               ) -> tuple[Tensor, Tensor]:
         """The replay samples ``sample_ids`` right-padded into ``(x [B, L, ...], mask [B, L])``,
         as :meth:`build` batched them."""
-        ids = _sample_ids(f"{_NAME}.batch", sample_ids).tolist()
-        self._check_ids(torch.tensor(ids, dtype=torch.int64))
+        ids = self._ids(f"{_NAME}.batch", sample_ids).tolist()
         return _pad_right([samples[i] for i in ids], pad_value)
 
     def forward(self, model: nn.Module, x: Tensor, mask: Tensor | None = None, *,
@@ -342,10 +341,13 @@ class GeRe:
         :meth:`build` took them (``layer``)."""
         return forward_with_hidden(model, x, mask, layer=self.layer, call=call)
 
-    def _check_ids(self, ids: Tensor) -> None:
+    def _ids(self, where: str, sample_ids) -> Tensor:
+        """``sample_ids`` as int64 [B] on the anchor's device, each in [0, num_samples)."""
+        ids = _sample_ids(where, sample_ids).to(self.offsets.device)
         if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.num_samples):
-            raise ValueError(f"{_NAME}: sample_ids must be in [0, {self.num_samples}), got values in "
+            raise ValueError(f"{where}: sample_ids must be in [0, {self.num_samples}), got values in "
                              f"[{int(ids.min())}, {int(ids.max())}]")
+        return ids
 
     def loss(self, hidden: Tensor, sample_ids: Tensor | Sequence[int], mask: Tensor | None = None, *,
              reduction: str = "violations") -> Tensor:
@@ -361,22 +363,21 @@ class GeRe:
         Returns:
             0-dim float32 loss with gradient to ``hidden`` (±1/#violations per violating element).
         """
-        if not isinstance(hidden, Tensor) or hidden.dim() != 3:
-            raise ValueError(f"{_NAME}.loss: hidden must be [B, L, D], got {tuple(getattr(hidden, 'shape', ()))}")
+        where = f"{_NAME}.loss"
+        check_tensor(where, "hidden", hidden, ndim=3)
+        check_floating(where, "hidden", hidden)
         B, L, D = hidden.shape
         if D != self.dim:
-            raise ValueError(f"{_NAME}.loss: hidden size D must be the anchor's {self.dim}, got {D}")
-        ids = _sample_ids(f"{_NAME}.loss", sample_ids).to(self.offsets.device)
+            raise ValueError(f"{where}: hidden size D must be the anchor's {self.dim}, got {D}")
+        ids = self._ids(where, sample_ids)
         if ids.numel() != B:
-            raise ValueError(f"{_NAME}.loss: sample_ids must hold one id per row of hidden ({B}), got {ids.numel()}")
-        self._check_ids(ids)
+            raise ValueError(f"{where}: sample_ids must hold one id per row of hidden ({B}), got {ids.numel()}")
+        mask = check_mask(where, mask, (B, L), "[B, L], the positions that count", "hidden", hidden)
         pos = torch.arange(L, device=ids.device)
         valid = pos[None, :] < self.lengths[ids][:, None]                       # [B, L]
         rows = torch.where(valid, self.offsets[ids][:, None] + pos[None, :], 0)
         labels = self.labels[rows]                                               # [B, L, ceil(D/4)]
         if mask is not None:
-            if tuple(mask.shape) != (B, L):
-                raise ValueError(f"{_NAME}.loss: mask must have shape {(B, L)}, got {tuple(mask.shape)}")
             valid = valid & mask.to(device=valid.device, dtype=torch.bool)
         g = self.groups[ids]
         pos_thr, neg_thr = (self.pos_thr[0], self.neg_thr[0]) if self.pos_thr.shape[0] == 1 else \

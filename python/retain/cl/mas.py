@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from retain.cl import _per_sample as ps
+from retain.cl._files import FileCheckpoint
 from retain.ops.fisher import ewc_penalty, ewc_penalty_grad_, mas_accumulate_
 
 __all__ = ["MAS"]
@@ -20,7 +21,7 @@ def _squared_norm(out: Tensor) -> Tensor:
     return out.square().sum()
 
 
-class MAS:
+class MAS(FileCheckpoint):
     r"""Memory Aware Synapses.
 
     At the end of a task, :meth:`consolidate` measures how sensitive the output is to each
@@ -122,11 +123,14 @@ class MAS:
 
     def state_dict(self) -> dict:
         return {"format": _NAME, "version": 1, "lam": self.lam, "alpha": self.alpha, "names": list(self.names),
-                "importance": self.importance, "anchor": self.anchor, "tasks": self.tasks}
+                "importance": list(self.importance), "anchor": None if self.anchor is None else list(self.anchor),
+                "tasks": self.tasks}
 
     def load_state_dict(self, state: dict) -> None:
         op = f"{_NAME}.load_state_dict"
-        ps.check_state_dict(op, state, _NAME, self.names)
+        ps.check_state_dict(op, state, _NAME, self.names, self.state_dict())
+        ps.check_like_params(op, "importance", state["importance"], self.params)
+        ps.check_like_params(op, "anchor", state["anchor"], self.params)
         device = self.params[0].device
         self.importance = [t.to(device) for t in state["importance"]]
         self.anchor = None if state["anchor"] is None else [t.to(device) for t in state["anchor"]]

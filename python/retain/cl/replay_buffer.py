@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from retain import _native
-from retain.cl._files import check_header, load_tensor_file, save_tensor_file
-from retain.ops._checks import dtype_name
+from retain.cl._files import FileCheckpoint, check_header
+from retain.ops._checks import check_bool, check_choice, check_int, check_tensor, dtype_name
 from retain.ops.replay import _rows
 from retain.ops.replay import (ClassBalancedState, MinTree, SumTree, class_balanced_slots, gather_rows,
                                importance_weights, reservoir_slots, ring_slots, scatter_rows_)
@@ -69,7 +69,7 @@ def _dtype(name: str) -> torch.dtype:
     return d
 
 
-class ReplayBuffer:
+class ReplayBuffer(FileCheckpoint):
     r"""A replay buffer of ``capacity`` items, each a dict of fields, stored as one tensor per field
     ``[capacity, *shape]`` on ``device`` (or in memory-mapped files under ``storage``).
 
@@ -159,7 +159,8 @@ class ReplayBuffer:
         if self.storage_path is not None and self.device.type != "cpu":
             raise ValueError(f"{_NAME}: memory-mapped storage lives on the CPU, got device {self.device}")
         self._columns = self._allocate()
-        self._gen = torch.Generator().manual_seed(int(seed))
+        self._gen = torch.Generator().manual_seed(check_int(_NAME, "seed", seed, minimum=-(1 << 63),
+                                                            maximum=(1 << 64) - 1))
         self.n_seen = 0
         self._balanced = ClassBalancedState.empty(capacity, num_classes) if policy == "class_balanced" else None
         if policy == "prioritized":
@@ -220,9 +221,11 @@ class ReplayBuffer:
         unknown = sorted(set(batch) - set(self.fields))
         missing = sorted(set(self.fields) - set(batch))
         if unknown:
-            raise ValueError(f"{_NAME}.add: unknown field(s) {unknown}; the buffer's fields are {sorted(self.fields)}")
+            raise ValueError(f"{_NAME}.add: batch must hold the buffer's fields {sorted(self.fields)}, got unknown "
+                             f"field(s) {unknown}")
         if missing:
-            raise ValueError(f"{_NAME}.add: missing field(s) {missing}; every add gives all of {sorted(self.fields)}")
+            raise ValueError(f"{_NAME}.add: batch must hold every field of the buffer {sorted(self.fields)}, got no "
+                             f"{missing}")
         n = None
         for name, f in self.fields.items():
             v = batch[name]
@@ -336,20 +339,22 @@ class ReplayBuffer:
             the union: rank r's slots start after ranks 0..r-1's sizes), and ``'weight'`` float32
             ``[n]`` for ``'prioritized'``.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{_NAME}.sample: n must be an int >= 0, got {n!r}")
-        if scope not in ("local", "global"):
-            raise ValueError(f"{_NAME}.sample: scope must be 'local' or 'global', got {scope!r}")
+        where = f"{_NAME}.sample"
+        n = check_int(where, "n", n, minimum=0)
+        replace = check_bool(where, "replace", replace)
+        check_choice(where, "scope", scope, ("local", "global"))
         if scope == "global":
             return self._sample_global(n, replace)
         size = len(self)
         if size == 0 and n:
             raise ValueError(f"{_NAME}.sample: the buffer is empty; add items before sampling")
         if not replace and n > size:
-            raise ValueError(f"{_NAME}.sample: cannot draw {n} items without replacement from {size} stored")
+            raise ValueError(f"{where}: n must be at most the {size} items stored when drawing without replacement, "
+                             f"got {n}")
         if self.policy == "prioritized":
             if not replace:
-                raise ValueError(f"{_NAME}.sample: prioritized sampling draws with replacement (replace=True)")
+                raise ValueError(f"{where}: prioritized sampling draws with replacement: replace must be True, got "
+                                 "False")
             idx, prob = self._sum.sample(n, generator=self._gen, stratified=self.stratified)
             min_prob = self._min.root() / self._sum.root() if self.weights == "buffer" else None
             out = self._decode(self._gather(idx))
@@ -371,19 +376,23 @@ class ReplayBuffer:
         items, follows."""
         if self.policy != "prioritized":
             raise ValueError(f"{_NAME}.update_priorities: the buffer's policy is {self.policy!r}, not 'prioritized'")
-        if not isinstance(priority, Tensor) or not priority.is_floating_point():
-            raise TypeError(f"{_NAME}.update_priorities: priority must be a floating tensor, got "
-                            f"{dtype_name(priority) if isinstance(priority, Tensor) else type(priority).__name__}")
-        p = priority.detach().to(self.device, torch.float64).reshape(-1)
+        where = f"{_NAME}.update_priorities"
+        check_tensor(where, "index", index, ndim=1, data=True)
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"{where}: index must be an integer tensor, got {dtype_name(index)}")
+        check_tensor(where, "priority", priority, ndim=1, data=True)
+        if not priority.is_floating_point():
+            raise TypeError(f"{where}: priority must be a floating tensor, got {dtype_name(priority)}")
+        if priority.numel() != index.numel():
+            raise ValueError(f"{where}: priority must hold one value per entry of index ({index.numel()}), got "
+                             f"{priority.numel()}")
+        p = priority.detach().to(self.device, torch.float64)
         bad = ~(torch.isfinite(p) & (p >= 0))
         if bool(bad.any()):
-            raise ValueError(f"{_NAME}.update_priorities: priority must be finite and >= 0, got {float(p[bad][0])}")
-        if not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point():
-            raise TypeError(f"{_NAME}.update_priorities: index must be a 1-d integer tensor")
-        if index.numel() != p.numel():
-            raise ValueError(f"{_NAME}.update_priorities: index has {index.numel()} entries, priority {p.numel()}")
+            raise ValueError(f"{where}: priority must be finite and >= 0, got {float(p[bad][0])}")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
-            raise IndexError(f"{_NAME}.update_priorities: index must be in [0, {len(self)}) (the items stored)")
+            raise IndexError(f"{where}: index must be in [0, {len(self)}) (the items stored), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
         p = (p + self.eps).pow(self.alpha)
         self._sum.update(index, p)
         self._min.update(index, p)
@@ -515,14 +524,3 @@ class ReplayBuffer:
             full_min[:size] = p
             self._min.load_state_dict({"capacity": self.capacity, "priorities": full_min})
             self.max_priority = mp
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (temporary file, fsync, rename: a crash
-        mid-save leaves the previous checkpoint intact) as a retain tensor file: a JSON header and
-        the raw tensor bytes, with a checksum of the whole payload (``retain/cl/_files.py``)."""
-        save_tensor_file(self.state_dict(), path)
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint :meth:`save` wrote, after verifying its checksum; never unpickles
-        arbitrary objects. A truncated, corrupted or mismatched file raises a ValueError saying so."""
-        self.load_state_dict(load_tensor_file(path, f"{_NAME}.load"))

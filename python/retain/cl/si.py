@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from retain.cl import _per_sample as ps
+from retain.cl._files import FileCheckpoint
 from retain.ops.fisher import ewc_penalty, ewc_penalty_grad_, si_accumulate_, si_consolidate_
 
 __all__ = ["SI"]
@@ -14,7 +15,7 @@ __all__ = ["SI"]
 _NAME = "retain.cl.SI"
 
 
-class SI:
+class SI(FileCheckpoint):
     r"""Synaptic Intelligence.
 
     Each optimiser step adds its contribution to the path integral, and the end of a task turns the
@@ -112,16 +113,16 @@ class SI:
 
     def state_dict(self) -> dict:
         return {"format": _NAME, "version": 1, "c": self.c, "xi": self.xi, "names": list(self.names),
-                "omega": self.omega, "importance": self.importance, "anchor": self.anchor, "tasks": self.tasks}
+                "omega": list(self.omega), "importance": list(self.importance), "anchor": list(self.anchor),
+                "tasks": self.tasks}
 
     def load_state_dict(self, state: dict) -> None:
         op = f"{_NAME}.load_state_dict"
-        ps.check_state_dict(op, state, _NAME, self.names)
+        ps.check_state_dict(op, state, _NAME, self.names, self.state_dict())
         with torch.no_grad():
             for key in ("omega", "importance", "anchor"):
+                ps.check_like_params(op, key, state[key], self.params)
+            for key in ("omega", "importance", "anchor"):
                 for dst, src in zip(getattr(self, key), state[key]):
-                    if dst.shape != src.shape:
-                        raise ValueError(f"{op}: {key} has shape {tuple(src.shape)} where the parameter has "
-                                         f"{tuple(dst.shape)}")
                     dst.copy_(src)
         self.c, self.xi, self.tasks = float(state["c"]), float(state["xi"]), int(state["tasks"])

@@ -21,9 +21,14 @@ def dtype_name(t_or_dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_tensor(op: str, name: str, t, *, ndim_min: int | None = None, ndim: int | None = None) -> None:
+def check_tensor(op: str, name: str, t, *, ndim_min: int | None = None, ndim: int | None = None,
+                 data: bool = False) -> None:
+    """``t`` is a tensor (of ``ndim`` or at least ``ndim_min`` dimensions); ``data``: one whose values
+    the op reads now (eager-only ops), so not a meta tensor."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if data and t.device.type == "meta":
+        raise ValueError(f"{op}: {name} must hold values (a CPU or CUDA tensor), got a meta tensor")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if ndim_min is not None and t.dim() < ndim_min:

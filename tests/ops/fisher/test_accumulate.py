@@ -130,7 +130,7 @@ BAD = [
     ("non-contiguous", dict(fisher=[torch.zeros(3), torch.zeros(2, 2).t()]), ValueError,
      r"fisher\[1\] must be contiguous \(it is updated in place\)"),
     ("device", dict(grads=[torch.ones(3), torch.ones(2, 2, device="meta")]), ValueError,
-     r"every tensor must be on one device; grads\[1\] is on meta, fisher\[0\] on cpu"),
+     r"every tensor must be on one device \(fisher\[0\]'s cpu\), got meta for grads\[1\]"),
     ("decay nan", dict(decay=float("nan")), ValueError, r"decay must be finite, got nan"),
     ("scale type", dict(scale="1"), TypeError, r"scale must be a real number, got str"),
     ("requires grad", dict(fisher=[torch.zeros(3, requires_grad=True), torch.zeros(2, 2)]), ValueError,

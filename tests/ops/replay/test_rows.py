@@ -90,7 +90,7 @@ _X, _Y = torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)
     ("fields type", dict(fields=_X), TypeError, r"fields must be a list of tensors \(one per parameter\), got a single"),
     ("empty fields", dict(fields=[]), ValueError, r"fields must hold at least one tensor"),
     ("scalar field", dict(fields=[torch.tensor(1.0)]), ValueError, r"fields\[0\] must have a first \(row\) dimension"),
-    ("rows differ", dict(fields=[_X, torch.zeros(5)]), ValueError, r"every field must have fields\[0\]'s 4 rows, fields\[1\] has 5"),
+    ("rows differ", dict(fields=[_X, torch.zeros(5)]), ValueError, r"every field must have the rows of fields\[0\] \(4\), got 5 for fields\[1\]"),
     ("float index", dict(index=torch.tensor([0.0])), TypeError, r"index must be an integer tensor, got float32"),
     ("2-d index", dict(index=torch.zeros(1, 1, dtype=torch.long)), ValueError, r"index must have 1 dimensions"),
     ("out of range", dict(index=torch.tensor([4])), IndexError, r"index must be in \[0, 4\) \(the fields' rows\), got 4"),

@@ -54,8 +54,8 @@ def check_device(op: str, lists: dict[str, Sequence[Tensor] | None]) -> torch.de
             if device is None:
                 device, first = t.device, f"{name}[{i}]"
             elif t.device != device:
-                raise ValueError(f"{op}: every tensor must be on one device; {name}[{i}] is on {t.device}, "
-                                 f"{first} on {device}")
+                raise ValueError(f"{op}: every tensor must be on one device ({first}'s {device}), got {t.device} "
+                                 f"for {name}[{i}]")
     return device
 
 
@@ -103,8 +103,8 @@ def check_samples(op: str, name: str, grads: Sequence[Tensor], ref_name: str, re
             samples, first = s, i
         elif s != samples:
             raise ValueError(f"{op}: {name} must hold one gradient per tensor or the same number of samples S for "
-                             f"every tensor; {name}[{first}] has shape {tuple(grads[first].shape)} and {name}[{i}] "
-                             f"{tuple(g.shape)}")
+                             f"every tensor, got shape {tuple(grads[first].shape)} for {name}[{first}] and "
+                             f"{tuple(g.shape)} for {name}[{i}]")
     return 1 if samples is None or samples < 0 else samples
 
 

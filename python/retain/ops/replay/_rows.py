@@ -31,7 +31,8 @@ def check_fields(op: str, fields, index) -> list[Tensor]:
         if cap is None:
             cap = f.shape[0]
         elif f.shape[0] != cap:
-            raise ValueError(f"{op}: every field must have fields[0]'s {cap} rows, fields[{i}] has {f.shape[0]}")
+            raise ValueError(f"{op}: every field must have the rows of fields[0] ({cap}), got {f.shape[0]} for "
+                             f"fields[{i}]")
         if f.device != index.device:
             raise ValueError(f"{op}: fields[{i}] must be on index's device {index.device}, got {f.device}")
     return fields

@@ -106,7 +106,7 @@ def class_balanced_slots(labels: Tensor, state: ClassBalancedState, *, generator
         >>> st.counts.tolist(), bool((s >= 0).all())
         ([2, 2], True)
     """
-    check_tensor(_OP, "labels", labels, ndim=1)
+    check_tensor(_OP, "labels", labels, ndim=1, data=True)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{_OP}: labels must be an integer tensor, got {dtype_name(labels)}")
     if not isinstance(state, ClassBalancedState):

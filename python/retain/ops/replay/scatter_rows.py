@@ -34,7 +34,8 @@ def _(fields, index, values):
 
 def _kernel(fields, index, values):
     if any(not f.is_contiguous() for f in fields):  # written in place: the caller's tensor itself
-        raise ValueError(f"{_OP}: every field must be contiguous (it is written in place)")
+        raise ValueError(f"{_OP}: every field must be contiguous (it is written in place), got strides "
+                         f"{[f.stride() for f in fields]}")
     _rows.scatter(fields, index.contiguous(), [v.contiguous() for v in values])
 
 
@@ -72,7 +73,8 @@ def scatter_rows_(fields: Sequence[Tensor], index: Tensor, values: Sequence[Tens
         if v.device != f.device:
             raise ValueError(f"{_OP}: values[{i}] must be on fields[{i}]'s device {f.device}, got {v.device}")
         if not f.is_contiguous():
-            raise ValueError(f"{_OP}: fields[{i}] must be contiguous (it is written in place)")
+            raise ValueError(f"{_OP}: fields[{i}] must be contiguous (it is written in place), got strides "
+                             f"{f.stride()} for shape {tuple(f.shape)}")
     if index.device.type != "cpu" and not torch.compiler.is_compiling():  # the CPU kernel checks itself
         _rows.check_range(_OP, index, fields[0].shape[0], -1)
     scatter_rows_op(fields, index.to(torch.int64), values)

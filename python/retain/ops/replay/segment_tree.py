@@ -11,8 +11,7 @@ from torch import Tensor
 
 from retain import _native
 from retain.ops import _dispatch
-from retain.ops._checks import check_tensor, dtype_name
-from retain.ops._checks import check_int
+from retain.ops._checks import check_int, check_number, check_tensor, dtype_name
 from retain.ops.replay import _common, reference
 
 _SUM, _MIN = 0, 1
@@ -43,7 +42,7 @@ class _SegmentTree:
         return self.tree[self.leaves:self.leaves + self.capacity][idx]
 
     def _check_index(self, op: str, idx) -> Tensor:
-        check_tensor(op, "idx", idx, ndim=1)
+        check_tensor(op, "idx", idx, ndim=1, data=True)
         if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise TypeError(f"{op}: idx must be an integer tensor, got {dtype_name(idx)}")
         idx = idx.to(self.device, torch.int64).contiguous()
@@ -61,7 +60,7 @@ class _SegmentTree:
     def _check_values(self, op: str, values, n: int, *, negative_ok: bool) -> Tensor:
         if isinstance(values, (int, float)) and not isinstance(values, bool):
             values = torch.tensor(float(values), dtype=torch.float64)
-        check_tensor(op, "priority", values)
+        check_tensor(op, "priority", values, data=True)
         if not values.is_floating_point():
             raise TypeError(f"{op}: priority must be a floating tensor, got {dtype_name(values)}")
         if values.dim() > 1 or (values.dim() == 1 and values.numel() != n):
@@ -239,5 +238,10 @@ def importance_weights(prob: Tensor, *, beta: float, min_prob: Tensor | float | 
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
         raise ValueError(f"{op}: beta must be a number in [0, 1], got {beta!r}")
     p = prob.to(torch.float64)
-    ref = p.min() if min_prob is None else torch.as_tensor(min_prob, dtype=torch.float64, device=p.device)
+    if min_prob is None:
+        ref = p.min()
+    elif isinstance(min_prob, Tensor) and min_prob.numel() == 1 and min_prob.is_floating_point():
+        ref = min_prob.to(p.device, torch.float64).reshape(())
+    else:
+        ref = torch.tensor(check_number(op, "min_prob", min_prob, finite=False), dtype=torch.float64, device=p.device)
     return (p / ref).pow(-float(beta)).to(torch.float32)
