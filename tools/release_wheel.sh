@@ -24,7 +24,7 @@ build="$work/build-env/bin"
 # The CUDA runtime linked shared: auditwheel then grafts NVIDIA's libcudart (built for glibc
 # 2.17), where the static one would be bound to this machine's glibc at link time.
 "$build/python" -m pip wheel . --no-deps --quiet -w "$work/dist" \
-  -Ccmake.define.CMAKE_CUDA_RUNTIME_LIBRARY=Shared
+  --config-settings=cmake.define.CMAKE_CUDA_RUNTIME_LIBRARY=Shared  # the long form: pip < 23.1 has no -C
 # libgomp from torch's wheel (built for old glibc), not the system's; libcudart from the toolkit.
 torch_lib=$("$build/python" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 cuda_lib=$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")/lib64

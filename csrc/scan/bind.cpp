@@ -20,6 +20,8 @@ scan::MemoryScanParams<T> memory_scan_params(const py::dict& d) {
   auto size = [&](const char* key) { return d[key].cast<int64_t>(); };
   scan::MemoryScanParams<T> P;
   P.B = size("B"); P.T = size("T"); P.H = size("H"); P.K = size("K"); P.V = size("V"); P.N = size("N");
+  P.HK = d.contains("HK") ? size("HK") : P.H;
+  check(P.HK >= 1 ? P.H % P.HK == 0 : P.H == 0, op, "the value heads H must be a multiple of the key heads HK");
   P.states_every = size("states_every");
   P.states_rows = size("states_rows");
   P.ckpt_every = size("ckpt_every");
@@ -28,9 +30,9 @@ scan::MemoryScanParams<T> memory_scan_params(const py::dict& d) {
   P.q = as_ptr<T>(ptr("q"), op, "q", empty);
   P.k = as_ptr<T>(ptr("k"), op, "k", empty);
   P.v = as_ptr<T>(ptr("v"), op, "v", empty);
-  P.beta = as_ptr<T>(ptr("beta"), op, "beta", empty);
-  P.g = as_ptr<T>(ptr("g"), op, "g", true);
-  P.eta = as_ptr<T>(ptr("eta"), op, "eta", true);
+  P.beta = as_ptr<A>(ptr("beta"), op, "beta", empty);
+  P.g = as_ptr<A>(ptr("g"), op, "g", true);
+  P.eta = as_ptr<A>(ptr("eta"), op, "eta", true);
   P.initial_S = as_ptr<A>(ptr("initial_S"), op, "initial_S", true);
   P.initial_Z = as_ptr<A>(ptr("initial_Z"), op, "initial_Z", true);
   P.cu_seqlens = as_ptr<int64_t>(ptr("cu_seqlens"), op, "cu_seqlens", true);
@@ -70,9 +72,9 @@ scan::MemoryScanGrads<T> memory_scan_grads(const py::dict& d) {
   G.grad_q = as_mut_ptr<T>(ptr("grad_q"), op, "grad_q", empty);
   G.grad_k = as_mut_ptr<T>(ptr("grad_k"), op, "grad_k", empty);
   G.grad_v = as_mut_ptr<T>(ptr("grad_v"), op, "grad_v", empty);
-  G.grad_beta = as_mut_ptr<T>(ptr("grad_beta"), op, "grad_beta", empty);
-  G.grad_g = as_mut_ptr<T>(ptr("grad_g"), op, "grad_g", true);
-  G.grad_eta = as_mut_ptr<T>(ptr("grad_eta"), op, "grad_eta", true);
+  G.grad_beta = as_mut_ptr<A>(ptr("grad_beta"), op, "grad_beta", empty);
+  G.grad_g = as_mut_ptr<A>(ptr("grad_g"), op, "grad_g", true);
+  G.grad_eta = as_mut_ptr<A>(ptr("grad_eta"), op, "grad_eta", true);
   G.grad_initial_S = as_mut_ptr<A>(ptr("grad_initial_S"), op, "grad_initial_S", true);
   G.grad_initial_Z = as_mut_ptr<A>(ptr("grad_initial_Z"), op, "grad_initial_Z", true);
   return G;

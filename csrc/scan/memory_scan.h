@@ -79,13 +79,15 @@ struct ObjectiveMath {
 template <typename Scalar>
 struct MemoryScanParams {
   using A = Acc<Scalar>;
-  // inputs, contiguous: q, k [B,T,H,K]; v [B,T,H,V]; beta, eta [B,T,H]; g [B,T,H] or [B,T,H,K]
+  // inputs, contiguous: q, k [B,T,HK,K]; v [B,T,H,V]; beta, eta [B,T,H]; g [B,T,H] or [B,T,H,K].
+  // The gates are read in the accumulation type (float32 for 16-bit data: transformers and fla
+  // pass float32 gates with bfloat16 q, k, v).
   const Scalar* q = nullptr;
   const Scalar* k = nullptr;
   const Scalar* v = nullptr;
-  const Scalar* beta = nullptr;
-  const Scalar* g = nullptr;
-  const Scalar* eta = nullptr;
+  const A* beta = nullptr;
+  const A* g = nullptr;
+  const A* eta = nullptr;
   const A* initial_S = nullptr;  // [N,H,K,V] or null (zeros)
   const A* initial_Z = nullptr;  // [N,H,K,V] or null (zeros), momentum only
   const int64_t* cu_seqlens = nullptr;  // [N+1] or null (then N == B)
@@ -97,6 +99,7 @@ struct MemoryScanParams {
   A* ckpt_S = nullptr;     // [B, H, NC, K, V]: S before step c*C, for the backward
   A* ckpt_Z = nullptr;
   int64_t B = 0, T = 0, H = 0, K = 0, V = 0, N = 0;
+  int64_t HK = 0;  // heads of q and k (0: H); grouped value heads: H = r * HK, value head h reads key head h / r
   int64_t states_every = 0, states_rows = 0, ckpt_every = 0;  // states [B, states_rows, H, K, V]
   A scale = A(1), p = A(3), delta = A(1), eps = A(1e-6);
   int objective = 1, gate_kind = 0;
@@ -105,6 +108,11 @@ struct MemoryScanParams {
   bool gate_log = true;  // g is log a_t (a_t = exp(g)); false: g is a_t itself (Titans' 1 - alpha)
 
   int64_t num_ckpt() const { return ckpt_every > 0 ? (T + ckpt_every - 1) / ckpt_every : 0; }
+  // The row of q and k ([B*T*HK]) that value row r ([B*T*H], head r % H) reads.
+  RETAIN_HOST_DEVICE int64_t key_row(int64_t r) const {
+    const int64_t hk = HK > 0 ? HK : H;
+    return hk == H ? r : (r / H) * hk + (r % H) / (H / hk);
+  }
 };
 
 template <typename Scalar>
@@ -114,12 +122,12 @@ struct MemoryScanGrads {
   const A* grad_final_S = nullptr;    // [N,H,K,V] or null
   const A* grad_final_Z = nullptr;
   const A* grad_states = nullptr;     // like states, or null
-  Scalar* grad_q = nullptr;
+  Scalar* grad_q = nullptr;  // [B,T,H,K]: one row per value head (the caller sums a key head's group)
   Scalar* grad_k = nullptr;
   Scalar* grad_v = nullptr;
-  Scalar* grad_beta = nullptr;
-  Scalar* grad_g = nullptr;   // null when g is absent or its gradient is not wanted
-  Scalar* grad_eta = nullptr;
+  A* grad_beta = nullptr;     // gate gradients in the accumulation type, as the gates
+  A* grad_g = nullptr;   // null when g is absent or its gradient is not wanted
+  A* grad_eta = nullptr;
   A* grad_initial_S = nullptr;
   A* grad_initial_Z = nullptr;
 };

@@ -89,9 +89,9 @@ struct Unit {
 
   // Loads step t: normalised and scaled q, normalised k, v, beta, eta and the retention a.
   RETAIN_FORCE_INLINE void load(int64_t t) {
-    const int64_t r = row(t), K = P.K, V = P.V;
-    const T* __restrict qp = P.q + r * K;
-    const T* __restrict kp = P.k + r * K;
+    const int64_t r = row(t), rk = P.key_row(r), K = P.K, V = P.V;
+    const T* __restrict qp = P.q + rk * K;
+    const T* __restrict kp = P.k + rk * K;
     const T* __restrict vp = P.v + r * V;
     // local restrict pointers: the vectors' storage cannot alias P or each other
     A* __restrict qn = qnorm_in.data();
@@ -140,19 +140,19 @@ struct Unit {
   // Requests step t's rows of q, k, v and o ahead of use: with H > 1 a unit's rows are strided
   // (one in H), which the hardware prefetchers follow late.
   RETAIN_FORCE_INLINE void prefetch(int64_t t) const {
-    const int64_t r = row(t);
-    prefetch_bytes(P.q + r * P.K, P.K * int64_t{sizeof(T)}, false);
-    prefetch_bytes(P.k + r * P.K, P.K * int64_t{sizeof(T)}, false);
+    const int64_t r = row(t), rk = P.key_row(r);
+    prefetch_bytes(P.q + rk * P.K, P.K * int64_t{sizeof(T)}, false);
+    prefetch_bytes(P.k + rk * P.K, P.K * int64_t{sizeof(T)}, false);
     prefetch_bytes(P.v + r * P.V, P.V * int64_t{sizeof(T)}, false);
     if (P.o) prefetch_bytes(P.o + r * P.V, P.V * int64_t{sizeof(T)}, true);
   }
 
   // The backward's rows of step t: inputs again, the incoming gradient, the gradients it writes.
   RETAIN_FORCE_INLINE void prefetch_grads(const MemoryScanGrads<T>& G, int64_t t) const {
-    const int64_t r = row(t);
+    const int64_t r = row(t), rk = P.key_row(r);
     const int64_t kb = P.K * int64_t{sizeof(T)}, vb = P.V * int64_t{sizeof(T)};
-    prefetch_bytes(P.q + r * P.K, kb, false);
-    prefetch_bytes(P.k + r * P.K, kb, false);
+    prefetch_bytes(P.q + rk * P.K, kb, false);
+    prefetch_bytes(P.k + rk * P.K, kb, false);
     prefetch_bytes(P.v + r * P.V, vb, false);
     prefetch_bytes(G.grad_o + r * P.V, vb, false);
     prefetch_bytes(G.grad_q + r * P.K, kb, true);

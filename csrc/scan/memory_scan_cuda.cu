@@ -137,10 +137,11 @@ __device__ void stage(const MemoryScanParams<T>& P, int64_t row, StepBuf<Acc<T>>
   using A = Acc<T>;
   const int64_t K = P.K;
   const bool per_key = static_cast<GateKind>(P.gate_kind) == GateKind::PerKey;
+  const int64_t krow = P.key_row(row);
   for (int i = threadIdx.x; i < KP; i += blockDim.x) {
     const bool in = i < K;
-    buf.q[i] = in ? load_as<A>(P.q[row * K + i]) : A(0);
-    buf.k[i] = in ? load_as<A>(P.k[row * K + i]) : A(0);
+    buf.q[i] = in ? load_as<A>(P.q[krow * K + i]) : A(0);
+    buf.k[i] = in ? load_as<A>(P.k[krow * K + i]) : A(0);
     if (per_key) buf.a[i] = in ? retention(P, load_as<A>(P.g[row * K + i])) : A(1);
   }
   if (threadIdx.x == 0) {
@@ -517,8 +518,8 @@ __global__ void __launch_bounds__(kFinishWarps * kWarp)
     for (int64_t tl = 0; tl < NT; ++tl) s += work[base + (tl * R + row) * K + i];
     return s;
   };
-  const T* qp = P.q + row * K;
-  const T* kp = P.k + row * K;
+  const T* qp = P.q + P.key_row(row) * K;
+  const T* kp = P.k + P.key_row(row) * K;
   A q_rstd = A(1), k_rstd = A(1), qdot = 0, kdot = 0, da_sum = 0;
   if (P.l2norm) {
     A qs = 0, kss = 0, qd = 0, kd = 0;

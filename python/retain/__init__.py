@@ -13,10 +13,10 @@ Examples::
     torch.Size([2, 16, 8])
 """
 
-from retain import cl, nn, ops
+from retain import cl, fla, nn, ops
 from retain._native import capabilities, cpu_capabilities, cpu_capability, native_available, set_cpu_capability
 
 __version__ = "0.1.0"
 
-__all__ = ["cl", "nn", "ops", "capabilities", "cpu_capabilities", "cpu_capability", "native_available",
+__all__ = ["cl", "fla", "nn", "ops", "capabilities", "cpu_capabilities", "cpu_capability", "native_available",
            "set_cpu_capability", "__version__"]

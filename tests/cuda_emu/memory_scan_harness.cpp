@@ -14,7 +14,7 @@ using namespace retain::scan;
 #include <cuda_runtime.h>
 
 struct Cfg {
-  int64_t B = 1, T = 5, H = 1, K = 3, V = 5;
+  int64_t B = 1, T = 5, H = 1, K = 3, V = 5, HK = 0;  // HK: key heads (0: H)
   std::vector<int64_t> cu;
   int objective = 1, gate = 0;
   bool gate_log = true, rf = false, mom = false, l2 = false, init = false, gfinal = false, gstates = false;
@@ -56,13 +56,13 @@ template <class T> void run(const Cfg& c, double tol, unsigned seed) {
   std::mt19937 r(seed);
   const int64_t B = c.B, Tn = c.T, H = c.H, K = c.K, V = c.V;
   const int64_t N = c.cu.empty() ? B : (int64_t)c.cu.size() - 1;
-  const int64_t R = B * Tn * H;
+  const int64_t R = B * Tn * H, RK = B * Tn * (c.HK ? c.HK : H);
   double ks = c.l2 ? 1.0 : 1.0 / std::sqrt((double)K);
-  auto q = rnd<T>(r, R * K, 0, 1.0, true), k = rnd<T>(r, R * K, 0, ks, true), v = rnd<T>(r, R * V, 0, 1.0, true);
-  auto beta = rnd<T>(r, R, 0.1, 0.9);
-  std::vector<T> g;
-  if (c.gate) g = c.gate_log ? rnd<T>(r, R * (c.gate == 2 ? K : 1), -0.3, -0.01) : rnd<T>(r, R * (c.gate == 2 ? K : 1), 0.7, 0.99);
-  std::vector<T> eta; if (c.mom) eta = rnd<T>(r, R, 0.2, 0.9);
+  auto q = rnd<T>(r, RK * K, 0, 1.0, true), k = rnd<T>(r, RK * K, 0, ks, true), v = rnd<T>(r, R * V, 0, 1.0, true);
+  auto beta = rnd<A>(r, R, 0.1, 0.9);
+  std::vector<A> g;
+  if (c.gate) g = c.gate_log ? rnd<A>(r, R * (c.gate == 2 ? K : 1), -0.3, -0.01) : rnd<A>(r, R * (c.gate == 2 ? K : 1), 0.7, 0.99);
+  std::vector<A> eta; if (c.mom) eta = rnd<A>(r, R, 0.2, 0.9);
   auto S0 = rnd<A>(r, N * H * K * V, 0, 0.3, true), Z0 = rnd<A>(r, N * H * K * V, 0, 0.3, true);
   int64_t rows = 0;
   if (c.L) { if (c.cu.empty()) rows = Tn / c.L; else for (size_t m = 0; m + 1 < c.cu.size(); ++m) rows += (c.cu[m + 1] - c.cu[m]) / c.L; }
@@ -71,7 +71,7 @@ template <class T> void run(const Cfg& c, double tol, unsigned seed) {
   P.q = q.data(); P.k = k.data(); P.v = v.data(); P.beta = beta.data(); P.g = c.gate ? g.data() : nullptr;
   P.eta = c.mom ? eta.data() : nullptr; P.initial_S = c.init ? S0.data() : nullptr; P.initial_Z = c.init && c.mom ? Z0.data() : nullptr;
   P.cu_seqlens = c.cu.empty() ? nullptr : c.cu.data();
-  P.B = B; P.T = Tn; P.H = H; P.K = K; P.V = V; P.N = N; P.states_every = c.L; P.states_rows = rows; P.ckpt_every = c.C;
+  P.B = B; P.T = Tn; P.H = H; P.HK = c.HK; P.K = K; P.V = V; P.N = N; P.states_every = c.L; P.states_rows = rows; P.ckpt_every = c.C;
   P.scale = c.scale; P.p = 3; P.delta = 0.5; P.eps = 1e-6; P.objective = c.objective; P.gate_kind = c.gate;
   P.l2norm = c.l2; P.retention_first = c.rf; P.momentum = c.mom; P.gate_log = c.gate_log;
   struct Out { std::vector<T> o; std::vector<A> fS, fZ, st, cS, cZ; };
@@ -85,8 +85,8 @@ template <class T> void run(const Cfg& c, double tol, unsigned seed) {
   memory_scan_fwd_cpu<retain::CpuCapability::Default, T>(Pc, 1);
   memory_scan_fwd_cuda<T>(Pe, 0);
   char tagb[512];
-  snprintf(tagb, sizeof tagb, "[%s B%ld T%ld H%ld K%ld V%ld cu%zu obj%d gate%d log%d rf%d mom%d l2%d init%d L%ld C%ld]",
-           sizeof(T) == 2 ? "16" : sizeof(T) == 4 ? "f32" : "f64", (long)B, (long)Tn, (long)H, (long)K, (long)V, c.cu.size(), c.objective,
+  snprintf(tagb, sizeof tagb, "[%s B%ld T%ld H%ld/%ld K%ld V%ld cu%zu obj%d gate%d log%d rf%d mom%d l2%d init%d L%ld C%ld]",
+           sizeof(T) == 2 ? "16" : sizeof(T) == 4 ? "f32" : "f64", (long)B, (long)Tn, (long)H, (long)c.HK, (long)K, (long)V, c.cu.size(), c.objective,
            c.gate, c.gate_log, c.rf, c.mom, c.l2, c.init, (long)c.L, (long)c.C);
   std::string tag = tagb;
   cmp("o", oc.o, oe.o, tol, tag); cmp("final_S", oc.fS, oe.fS, tol, tag);
@@ -98,8 +98,8 @@ template <class T> void run(const Cfg& c, double tol, unsigned seed) {
   auto go = rnd<T>(r, R * V, 0, 1.0, true);
   auto gfS = rnd<A>(r, N * H * K * V, 0, 0.5, true), gfZ = rnd<A>(r, N * H * K * V, 0, 0.5, true);
   auto gst = rnd<A>(r, B * rows * H * K * V, 0, 0.5, true);
-  struct G_ { std::vector<T> q, k, v, b, g, e; std::vector<A> S, Z; };
-  auto mkg = [&] { return G_{nans<T>(R * K), nans<T>(R * K), nans<T>(R * V), nans<T>(R), nans<T>(g.size()), nans<T>(eta.size()),
+  struct G_ { std::vector<T> q, k, v; std::vector<A> b, g, e, S, Z; };
+  auto mkg = [&] { return G_{nans<T>(R * K), nans<T>(R * K), nans<T>(R * V), nans<A>(R), nans<A>(g.size()), nans<A>(eta.size()),
                               nans<A>(N * H * K * V), nans<A>(N * H * K * V)}; };
   G_ gc = mkg(), ge = mkg();
   auto gb = [&](G_& x) {
@@ -162,6 +162,9 @@ int main(int argc, char** argv) {
       { Cfg c; c.K = 8; c.V = 300; c.T = 5; c.C = 2; c.objective = 2; c.gate = 1; c.gate_log = false; E(c); }
       { Cfg c; c.K = 33; c.V = 31; c.T = 9; c.C = 4; c.cu = {0, 1, 2, 9}; c.L = 1; c.gstates = true; c.objective = 3; c.mom = true; c.init = true; E(c); }
       { Cfg c; c.K = 128; c.V = 4; c.T = 5; c.C = 5; c.objective = 0; c.gate = 2; c.rf = true; c.init = true; c.gfinal = true; E(c); }
+      // grouped value heads: 4 value heads over 2 key heads (and over 1), packed sequences
+      { Cfg c; c.K = 8; c.V = 6; c.T = 7; c.C = 3; c.B = 2; c.H = 4; c.HK = 2; c.gate = 1; c.l2 = true; c.init = true; c.gfinal = true; c.L = 2; c.gstates = true; E(c); }
+      { Cfg c; c.K = 5; c.V = 3; c.T = 9; c.C = 4; c.cu = {0, 4, 9}; c.H = 4; c.HK = 1; c.gate = 2; c.mom = true; c.rf = true; E(c); }
     }
   }
   {

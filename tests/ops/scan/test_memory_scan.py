@@ -348,7 +348,10 @@ def _bad(**over):
 BAD_INPUTS = [
     ("q not 4-D", dict(q=torch.zeros(1, 4, 3)), ValueError, "q must have 4 dimensions"),
     ("k shape", dict(k=torch.zeros(1, 4, 2, 4, dtype=F64)), ValueError, r"k must have shape \(1, 4, 2, 3\)"),
-    ("v shape", dict(v=torch.zeros(1, 5, 2, 2, dtype=F64)), ValueError, r"v must have shape \(1, 4, 2, 2\)"),
+    ("v shape", dict(v=torch.zeros(1, 5, 2, 2, dtype=F64)), ValueError,
+     r"v must have shape \(1, 4, H, V\) with H a multiple of q's 2 heads .*got \(1, 5, 2, 2\)"),
+    ("v heads", dict(v=torch.zeros(1, 4, 3, 2, dtype=F64)), ValueError,
+     r"v must have shape \(1, 4, H, V\) with H a multiple of q's 2 heads .*got \(1, 4, 3, 2\)"),
     ("dtype mix", dict(v=torch.zeros(1, 4, 2, 2)), TypeError, "v must have q's dtype float64, got float32"),
     ("integer q", dict(q=torch.zeros(1, 4, 2, 3, dtype=torch.long)), TypeError, "q must be a floating tensor"),
     ("beta shape", dict(beta=torch.zeros(1, 4, 3, dtype=F64)), ValueError, r"beta must have shape \(1, 4, 2\)"),
@@ -542,3 +545,65 @@ def test_memory_scan_cuda_head_dim_limit():
     with pytest.raises(ValueError, match=r"retain\.ops\.memory_scan: head dimension K must be <= 256 for CUDA "
                                          r"tensors .*got 257"):
         memory_scan(q, q, v, 0.5)
+
+
+def grouped_case(HK=2, r=2, **kwargs):
+    """make_case with H = r * HK value heads and q, k cut to HK key heads (grouped value heads)."""
+    c = make_case(H=HK * r, **kwargs)
+    for name in ("q", "k"):
+        c[name] = c[name].detach()[:, :, :HK].clone().requires_grad_(c[name].requires_grad)
+    return c
+
+
+@pytest.mark.parametrize("gate,momentum,l2norm,r", [(None, False, False, 2), ("head", False, True, 2),
+                                                     ("key", True, False, 3), ("head", True, True, 4)])
+def test_memory_scan_grouped_value_heads_match_the_reference(gate, momentum, l2norm, r):
+    """Value head h reads key head h // r (fla's grouped value heads); the gradients of q and k sum
+    over each key head's group."""
+    c = grouped_case(HK=2, r=r, T=23, gate=gate, momentum=momentum, initial=True, seed=61)
+    check_memory_scan(c, use_qk_l2norm=l2norm, states_every=5)
+
+
+def test_memory_scan_grouped_value_heads_equal_repeated_keys():
+    c = grouped_case(HK=1, r=3, B=1, T=70, gate="head", seed=62)
+    args = [c[n] for n in ("q", "k", "v", "beta")]
+    o, S, _ = memory_scan(*args, g=c["g"], output_final_state=True)
+    rep = [c["q"].repeat_interleave(3, 2), c["k"].repeat_interleave(3, 2), c["v"], c["beta"]]
+    o2, S2, _ = memory_scan(*rep, g=c["g"], output_final_state=True)
+    assert torch.equal(o, o2) and torch.equal(S, S2)
+    grads = torch.autograd.grad(scalar_loss(o, S, None), args)
+    grads2 = torch.autograd.grad(scalar_loss(o2, S2, None), [c["q"], c["k"], c["v"], c["beta"]])
+    for a, b in zip(grads, grads2):
+        assert_close(a, b)
+
+
+def test_memory_scan_grouped_value_heads_varlen():
+    c = grouped_case(HK=2, r=2, B=1, T=17, gate="key", seed=63)
+    check_memory_scan(c, cu_seqlens=torch.tensor([0, 5, 5, 17]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_memory_scan_float32_gates_with_16_bit_data(dtype):
+    """transformers and fla pass float32 g and beta with bfloat16 q, k, v: the gates are read as
+    given (no rounding to 16 bits), their gradients come back in float32."""
+    c = make_case(B=1, T=19, H=2, K=4, V=3, gate="head", seed=64)
+    data = {n: c[n].detach().to(dtype).requires_grad_() for n in ("q", "k", "v")}
+    gates = {n: c[n].detach().float().requires_grad_() for n in ("beta", "g")}
+    o, S, _ = memory_scan(data["q"], data["k"], data["v"], gates["beta"], g=gates["g"], output_final_state=True)
+    want, S_want, _ = ref.memory_scan_ref(*(data[n].double() for n in ("q", "k", "v")), gates["beta"].double(),
+                                       g=gates["g"].double(), output_final_state=True)
+    assert o.dtype == dtype and S.dtype == torch.float32
+    assert_close(o, want.to(dtype))
+    assert_close(S, S_want.float())
+    o.float().square().sum().backward()
+    assert gates["beta"].grad.dtype == gates["g"].grad.dtype == torch.float32
+    assert data["q"].grad.dtype == dtype
+    assert torch.isfinite(gates["g"].grad).all() and gates["g"].grad.abs().sum() > 0
+
+
+def test_memory_scan_opcheck_grouped_value_heads_and_float32_gates():
+    c = grouped_case(HK=1, r=2, B=1, T=5, K=3, V=2, gate="head", seed=65)
+    q, k, v = (c[n].detach().bfloat16().requires_grad_() for n in ("q", "k", "v"))
+    beta, g = (c[n].detach().float().requires_grad_() for n in ("beta", "g"))
+    args = (q, k, v, beta, g, None, None, None, None, 1, 3.0, 1.0, 0.5, True, False, True, 0, 0, True)
+    torch.library.opcheck(_ops.memory_scan_op, args)

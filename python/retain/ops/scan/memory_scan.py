@@ -10,8 +10,8 @@ from torch import Tensor
 
 from retain import _native
 from retain.ops import _dispatch
-from retain.ops._checks import (check_bool, check_choice, check_floating, check_int, check_number, check_same, check_shape,
-                                check_tensor, dtype_name)
+from retain.ops._checks import (check_bool, check_choice, check_device, check_floating, check_int, check_number,
+                                check_same, check_shape, check_tensor, dtype_name)
 from retain.ops._dispatch import acc_dtype
 from retain.ops.scan import reference
 from retain.ops.scan.reference import OBJECTIVES
@@ -49,10 +49,14 @@ def memory_scan(
         o_t = S_t^T (scale q_t)
 
     Args:
-        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; float32, float64, bfloat16 or float16, one
-            dtype and device for every input. 16-bit inputs are computed in float32. K and V up
-            to 1024 on the CPU; on CUDA K up to 256 (a column of the state lives in registers).
-        beta: step size ``[B, T, H]`` or a Python number.
+        q, k: ``[B, T, HK, K]``; v: ``[B, T, H, V]`` with H = HK (or a multiple of it: grouped
+            value heads, value head h reads key head ``h // (H / HK)`` in the kernel, q and k are
+            never repeated); float32, float64, bfloat16 or float16, one dtype and device for q, k,
+            v. 16-bit inputs are computed in float32. K and V up to 1024 on the CPU; on CUDA K up
+            to 256 (a column of the state lives in registers).
+        beta: step size ``[B, T, H]`` or a Python number. The gates (beta, g, eta) may have any
+            floating dtype: they are read in the state dtype (float32 gates with bfloat16 q, k, v
+            are not rounded to 16 bits) and their gradients come back in their own dtype.
         g: log retention ``[B, T, H]`` (per head) or ``[B, T, H, K]`` (per key row of S), or None.
         eta: momentum ``[B, T, H]`` or a Python number; None: no momentum (no Z state).
         objective, p, delta: the attentional bias above (p >= 1 for 'lp', delta > 0 for 'huber').
@@ -92,19 +96,22 @@ def memory_scan(
 
 
 
-def _as_gate(op: str, name: str, x, ref: Tensor, shape) -> Tensor | None:
-    """A per-step gate given as a tensor of ``shape`` or a Python number (broadcast, no gradient)."""
+def _as_gate(op: str, name: str, x, ref: Tensor, shape, what: str = "[B, T, H]") -> Tensor | None:
+    """A per-step gate given as a floating tensor of ``shape`` (any floating dtype: the kernels read
+    gates in the accumulation type, so float32 gates with bfloat16 q, k, v are not rounded) or a
+    Python number (broadcast, no gradient); returned in the accumulation type of ``ref``."""
     if x is None:
         return None
+    acc = acc_dtype(ref.dtype)
     if not isinstance(x, torch.Tensor):
         x = check_number(op, name, x, finite=False)  # a NaN or inf gate is data: NaN in, NaN out
-        return torch.full(shape, x, dtype=ref.dtype, device=ref.device)
+        return torch.full(shape, x, dtype=acc, device=ref.device)
     if x.is_complex() or not x.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating tensor {list(shape)} or a Python number, got a "
                         f"{dtype_name(x)} tensor")
-    check_same(op, "q", ref, **{name: x})
-    check_shape(op, name, x, shape, "[B, T, H]")
-    return x
+    check_device(op, name, x, "q", ref)
+    check_shape(op, name, x, shape, what)
+    return x.to(acc)
 
 
 def _state(op: str, name: str, x, shape, dtype, device) -> Tensor | None:
@@ -127,13 +134,15 @@ def memory_scan_checked(op, q, k, v, beta, *, g=None, eta=None, objective="l2", 
     names = {"beta": "beta", "g": "g", "eta": "eta", **(names or {})}
     check_tensor(op, "q", q, ndim=4)
     check_floating(op, "q", q)
-    B, T, H, K = q.shape
+    B, T, HK, K = q.shape
     check_tensor(op, "k", k)
     check_tensor(op, "v", v, ndim=4)
     check_same(op, "q", q, k=k, v=v)
     check_shape(op, "k", k, q.shape, "the shape of q, [B, T, H, K]")
-    V = v.shape[-1]
-    check_shape(op, "v", v, (B, T, H, V), "[B, T, H, V] with q's B, T, H")
+    V, H = v.shape[-1], v.shape[2]
+    if (H % HK if HK else H) or tuple(v.shape[:2]) != (B, T):
+        raise ValueError(f"{op}: v must have shape ({B}, {T}, H, V) with H a multiple of q's {HK} heads (grouped "
+                         f"value heads: H = r * {HK}), got {tuple(v.shape)}")
     for name, size in (("K", K), ("V", V)):
         if not 1 <= size <= MAX_HEAD_DIM:
             raise ValueError(f"{op}: head dimension {name} must be in [1, {MAX_HEAD_DIM}], got {size}")
@@ -144,10 +153,10 @@ def memory_scan_checked(op, q, k, v, beta, *, g=None, eta=None, objective="l2", 
     eta = _as_gate(op, names["eta"], eta, q, (B, T, H))
     if g is not None:
         check_tensor(op, names["g"], g)
-        check_same(op, "q", q, **{names["g"]: g})
         if tuple(g.shape) not in ((B, T, H), (B, T, H, K)):
             raise ValueError(f"{op}: {names['g']} must have shape {(B, T, H)} (per head) or {(B, T, H, K)} "
                              f"(per key), got {tuple(g.shape)}")
+        g = _as_gate(op, names["g"], g, q, tuple(g.shape), "[B, T, H] or [B, T, H, K]")
     check_choice(op, "objective", objective, OBJECTIVES)
     p = check_number(op, "p", p)
     delta = check_number(op, "delta", delta)
@@ -253,8 +262,8 @@ def _reference(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objectiv
 
 
 def _outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, empty):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, V = v.shape  # H value heads (q and k may have fewer: grouped value heads)
+    K = q.shape[-1]
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
     acc = acc_dtype(q.dtype)
     new = lambda *shape: empty(q.new_empty(shape, dtype=acc))  # noqa: E731
@@ -270,10 +279,10 @@ def _outputs(q, v, eta, cu_seqlens, states_every, states_rows, save_ckpt, empty)
 def _params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
             retention_first, gate_log, states_every, states_rows):
     """The kernels' parameter dict (csrc/scan/bind.cpp reads it by these names)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, V = v.shape
+    HK, K = q.shape[2:]
     ptr = _dispatch.ptr
-    return dict(B=B, T=T, H=H, K=K, V=V, N=cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B,
+    return dict(B=B, T=T, H=H, HK=HK, K=K, V=V, N=cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B,
                 states_every=states_every, states_rows=states_rows, ckpt_every=checkpoint_every(K, V, q.dtype),
                 q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), beta=beta.data_ptr(), g=ptr(g), eta=ptr(eta),
                 initial_S=ptr(initial_S), initial_Z=ptr(initial_Z), cu_seqlens=ptr(cu_seqlens), scale=scale, p=p,
@@ -345,7 +354,9 @@ def _backward_launch(grad_o, grad_final_S, grad_final_Z, grad_states, q, k, v, b
         q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z)
     grad_o, grad_final_S, grad_final_Z, grad_states = _dispatch.contiguous(grad_o, grad_final_S, grad_final_Z,
                                                                            grad_states)
-    grads = _grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, _native.empty_like)
+    grads = list(_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, _native.empty_like))
+    if v.shape[2] != q.shape[2]:  # grouped value heads: one gradient row per value head, summed by _fold
+        grads[0], grads[1] = (_native.empty_like(q.new_empty((*v.shape[:3], q.shape[-1]))) for _ in range(2))
     d = _params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
                 retention_first, gate_log, states_every, states_rows)
     d.update(ckpt_S=ckpt_S.data_ptr(), ckpt_Z=_dispatch.ptr(ckpt_Z if eta is not None else None))
@@ -359,11 +370,20 @@ def _backward_launch(grad_o, grad_final_S, grad_final_Z, grad_states, q, k, v, b
     return grads, _dispatch.dtype_code(q), d, gd, bool(grad_o.numel() or grads[6].numel()), held
 
 
+def _fold(grads: list[Tensor], q: Tensor) -> tuple[Tensor, ...]:
+    """The q and k gradients as q's shape: the rows of the value heads that share a key head summed
+    (a no-op without grouped value heads)."""
+    B, T, HK, K = q.shape
+    if grads[0].shape[2] != HK:
+        grads[0], grads[1] = (x.view(B, T, HK, x.shape[2] // HK, K).sum(3) for x in grads[:2])
+    return tuple(grads)
+
+
 def _backward_cpu(*args):
     grads, code, d, gd, work, _held = _backward_launch(*args)
     if work:
         _native.lib().memory_scan_bwd_cpu(code, d, gd, _native.num_threads())
-    return grads
+    return _fold(grads, args[4])
 
 
 def _backward_cuda(*args):
@@ -379,7 +399,7 @@ def _backward_cuda(*args):
         buf = torch.empty(numel, dtype=acc_dtype(q.dtype), device=q.device)
         with torch.cuda.device(q.device):
             lib.memory_scan_bwd_cuda(code, d, gd, buf.data_ptr(), numel, _native.cuda_stream(q.device))
-    return grads
+    return _fold(grads, args[4])
 
 
 def _grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, empty):
@@ -408,7 +428,7 @@ def _backward(ctx, grad_o, grad_final_S, grad_final_Z, grad_states, _gc1, _gc2):
     q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z = ctx.saved_tensors
     objective, p, delta, scale, l2norm, retention_first, gate_log, states_every, states_rows = ctx.scalars
     if grad_o is None:
-        grad_o = torch.zeros_like(q[..., :1].expand(*q.shape[:3], v.shape[-1]))
+        grad_o = torch.zeros_like(v)
     if grad_states is not None and states_every == 0:
         grad_states = None
     if grad_final_Z is not None and eta is None:

@@ -154,6 +154,8 @@ def _scan(q, k, v, beta, *, decay, eta, objective, p, delta, scale, initial_stat
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out_dtype, acc = q.dtype, _compute_dtype(q)
+    if q.dim() == 4 and v.dim() == 4 and v.shape[2] != q.shape[2]:  # grouped value heads read their key head
+        q, k = q.repeat_interleave(v.shape[2] // q.shape[2], 2), k.repeat_interleave(v.shape[2] // q.shape[2], 2)
     if use_qk_l2norm:
         q, k = l2norm_ref(q.to(acc)), l2norm_ref(k.to(acc))
     momentum = eta is not None
