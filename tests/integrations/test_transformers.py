@@ -6,6 +6,8 @@ path, and revert restores everything."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -27,14 +29,28 @@ def qwen3_next():
     return transformers.Qwen3NextForCausalLM(cfg)
 
 
-def qwen3_5():
-    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
-    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM
-
-    return Qwen3_5ForCausalLM(Qwen3_5TextConfig(**COMMON, **LINEAR))
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 
 
-MODELS = {"qwen3_next": qwen3_next, "qwen3_5": qwen3_5}
+def _family(family: str, config: str, model: str, **extra):
+    """A small random model of ``family`` from its config classes (transformers.models.<family>)."""
+    def build():
+        c = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+        m = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        return getattr(m, model)(getattr(c, config)(**COMMON, **LINEAR, **extra))
+    return build
+
+
+MODELS = {
+    "qwen3_next": qwen3_next,
+    "qwen3_5": _family("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
+    "qwen3_5_moe": _family("qwen3_5_moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", **MOE),
+    "olmo_hybrid": _family("olmo_hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM", pad_token_id=0,
+                           eos_token_id=1),
+    "lara_mini": _family("lara_mini", "LaraMiniConfig", "LaraMiniForCausalLM", **MOE, eos_token_id=1),
+}
+# qwen4_exp (an experimental architecture with further required settings) is checked at the
+# function level only, as every family is in test_every_familys_functions_equal_the_originals
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +89,27 @@ def test_logits_gradients_and_generation_equal_the_unpatched_model(family, monke
     gen2 = model.generate(x[:, :9], max_new_tokens=6, do_sample=False)
     assert torch.equal(gen2, gen)
     assert any(shape[1] == 1 for shape in calls), "decoding did not run retain's kernel one token at a time"
+
+
+@pytest.mark.parametrize("family", integ.FAMILIES)
+def test_every_familys_functions_equal_the_originals(family):
+    module = integ._module(family)
+    originals = {name: getattr(module, name) for name in integ.FUNCTIONS}
+    integ.apply_retain_kernels([family])
+    gen = torch.Generator().manual_seed(1)
+    B, T, H, HV, K, V = 2, 9, 2, 4, 8, 6
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g, beta = -torch.rand(B, T, HV, generator=gen), torch.rand(B, T, HV, generator=gen)
+    S0 = torch.randn(B, HV, K, V, generator=gen) * 0.1
+    for name, original in originals.items():
+        patched = getattr(module, name)
+        assert patched.retain_patched
+        want = original(q, k, v, g=g, beta=beta, initial_state=S0, output_final_state=True,
+                        use_qk_l2norm_in_kernel=True)
+        got = patched(q, k, v, g=g, beta=beta, initial_state=S0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        assert_close(got[0], want[0], msg=f"{family}.{name} o")
+        assert_close(got[1], want[1], msg=f"{family}.{name} state")
 
 
 def test_other_devices_keep_the_original_path_and_revert_restores(monkeypatch):
