@@ -110,3 +110,29 @@ def test_incomplete_or_mismatched_state_dicts_are_refused(kind):
     tensors(wrong)[0] = tensors(wrong)[0].reshape(-1)
     with pytest.raises(ValueError, match=where + r".* has shape \(\d+,\) where the parameter has"):
         _fresh(kind, model).load_state_dict(wrong)
+
+
+@pytest.mark.parametrize("kind,edit", [
+    ("SI", lambda s: s.update(omega=None)), ("SI", lambda s: s.update(anchor=None)),
+    ("MAS", lambda s: s.update(importance=None)), ("EWC", lambda s: s["anchors"][0].update(params=None)),
+    ("EWC", lambda s: s.update(mode="bogus")), ("EWC", lambda s: s["anchors"][0].pop("samples")),
+    ("EWC", lambda s: s.update(anchors="x")),
+])
+def test_damaged_state_dicts_are_value_errors(kind, edit):
+    model, strategy = _trained(kind)
+    state = strategy.state_dict()
+    edit(state)
+    with pytest.raises(ValueError, match=rf"retain\.cl\.{kind}\.load_state_dict: "):
+        _fresh(kind, model).load_state_dict(state)
+
+
+def test_a_deeply_nested_header_is_a_corrupt_header(tmp_path):
+    import struct
+
+    from retain.cl._files import MAGIC
+
+    header = ("[" * 100000 + "]" * 100000).encode()
+    (tmp_path / "deep").write_bytes(MAGIC + struct.pack("<Q", len(header)) + header)
+    model, strategy = _trained("MAS")
+    with pytest.raises(ValueError, match=r"retain\.cl\.MAS\.load: .* has a corrupt header"):
+        _fresh("MAS", model).load(tmp_path / "deep")  # valid JSON, too deep to parse

@@ -242,3 +242,33 @@ def test_under_torch_compile():
     want_o, want_S = fla.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
     assert_close(o, want_o)
     assert_close(S, want_S)
+
+
+@pytest.mark.parametrize("name", ["fused_recurrent_simple_gla", "fused_recurrent_gla", "fused_recurrent_retention",
+                                  "chunk_simple_gla", "chunk_gla", "chunk_gated_delta_rule",
+                                  "fused_recurrent_gated_delta_rule"])
+def test_transpose_state_layout_is_state_v_first(name):
+    x = inputs(B=1, T=5, H=1, HV=1, K=2, V=3, seed=9)
+    q, k, v = (x[n] for n in ("q", "k", "v"))
+    gates = {"fused_recurrent_gla": dict(gk=x["gk"]), "chunk_gla": dict(g=x["gk"]),
+             "chunk_simple_gla": dict(g=x["g"]), "fused_recurrent_simple_gla": dict(g=x["g"]),
+             "chunk_gated_delta_rule": dict(g=x["g"], beta=x["beta"]),
+             "fused_recurrent_gated_delta_rule": dict(g=x["g"], beta=x["beta"])}.get(name, {})
+    fn = getattr(fla, name)
+    _, a = fn(q, k, v, **gates, output_final_state=True, state_v_first=True)
+    _, b = fn(q, k, v, **gates, output_final_state=True, transpose_state_layout=True)
+    assert a.shape == (1, 1, 3, 2) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="pass state_v_first or the deprecated transpose_state_layout, not both"):
+        fn(q, k, v, **gates, state_v_first=True, transpose_state_layout=False)
+
+
+def test_normalize_returns_the_key_sum_without_output_final_state():
+    x = inputs(H=2, HV=2, seed=10)
+    o, (S, z) = fla.fused_recurrent_linear_attn(x["q"], x["k"], x["v"], normalize=True)
+    assert S is None and z.shape == (2, 1, 2, 5)
+
+
+def test_chunk_size_must_be_one_fla_takes():
+    x = inputs(seed=11)
+    with pytest.raises(ValueError, match=r"chunk_size must be one of \(16, 32, 64\) \(as fla's\), got 48"):
+        fla.chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=48)

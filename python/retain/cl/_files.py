@@ -191,7 +191,7 @@ def load_tensor_file(path: str | os.PathLike, what: str) -> dict:
             header = json.loads(f.read(length)) if length <= size else None
             meta, specs, crc = header["state"], header["tensors"], header[_CHECKSUM]
             dtypes = [_spec_dtype(s) for s in specs]
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ValueError(f"{what}: {path!r} has a corrupt header (truncated or modified)") from None
     start = -(-(len(MAGIC) + 8 + length) // _ALIGN) * _ALIGN
     end = max((start + s["offset"] + s["nbytes"] for s in specs), default=start)
@@ -202,7 +202,7 @@ def load_tensor_file(path: str | os.PathLike, what: str) -> dict:
                for s, dtype in zip(specs, dtypes)]
     try:
         state = _join(meta, tensors)
-    except IndexError:
+    except (IndexError, RecursionError):
         raise ValueError(f"{what}: {path!r} has a corrupt header (truncated or modified)") from None
     if crc != checksum(state):
         raise ValueError(f"{what}: {path!r} fails its checksum: the file was modified or corrupted after it was "

@@ -27,9 +27,9 @@ def check_state_dict(op: str, state, fmt: str, names: Sequence[str], keys: Itera
                          f"{list(names)[:3]}...")
 
 
-def check_like_params(op: str, what: str, tensors, params: Sequence[Tensor]) -> None:
-    """``tensors`` (a saved list, or None) holds one tensor of each parameter's shape."""
-    if tensors is None:
+def check_like_params(op: str, what: str, tensors, params: Sequence[Tensor], optional: bool = False) -> None:
+    """``tensors`` (a saved list; None only when ``optional``) holds one tensor of each parameter's shape."""
+    if tensors is None and optional:
         return
     if not isinstance(tensors, (list, tuple)) or len(tensors) != len(params):
         got = f"{len(tensors)} entries" if isinstance(tensors, (list, tuple)) else type(tensors).__name__

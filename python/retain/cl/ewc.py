@@ -279,9 +279,20 @@ class EWC(FileCheckpoint):
         ps.check_state_dict(op, state, _NAME, self.names, self.state_dict())
         anchors = []
         device = self.params[0].device
+        if state["mode"] not in MODES:
+            raise ValueError(f"{op}: mode must be one of {MODES}, got {state['mode']!r}")
+        if not isinstance(state["anchors"], (list, tuple)):
+            raise ValueError(f"{op}: anchors must be a list of anchors, got {type(state['anchors']).__name__}")
         for i, a in enumerate(state["anchors"]):
+            missing = [key for key in ("params", "diag", "rank1", "samples") if not isinstance(a, dict) or key not in a]
+            if missing:
+                raise ValueError(f"{op}: anchors[{i}] lacks {missing} (an incomplete or foreign state dict)")
             ps.check_like_params(op, f"anchors[{i}]['params']", a["params"], self.params)
-            ps.check_like_params(op, f"anchors[{i}]['diag']", a["diag"], self.params)
+            ps.check_like_params(op, f"anchors[{i}]['diag']", a["diag"], self.params, optional=True)
+            if not isinstance(a["rank1"], (list, tuple)) or not all(isinstance(r, (list, tuple)) and len(r) == 2
+                                                                    for r in a["rank1"]):
+                raise ValueError(f"{op}: anchors[{i}]['rank1'] must be a list of (mu, c) pairs, got "
+                                 f"{type(a['rank1']).__name__}")
             for j, (m, _) in enumerate(a["rank1"]):
                 ps.check_like_params(op, f"anchors[{i}]['rank1'][{j}]", m, self.params)
             move = (lambda ts: None if ts is None else [t.to(device) for t in ts])  # noqa: E731

@@ -130,7 +130,7 @@ class MAS(FileCheckpoint):
         op = f"{_NAME}.load_state_dict"
         ps.check_state_dict(op, state, _NAME, self.names, self.state_dict())
         ps.check_like_params(op, "importance", state["importance"], self.params)
-        ps.check_like_params(op, "anchor", state["anchor"], self.params)
+        ps.check_like_params(op, "anchor", state["anchor"], self.params, optional=True)
         device = self.params[0].device
         self.importance = [t.to(device) for t in state["importance"]]
         self.anchor = None if state["anchor"] is None else [t.to(device) for t in state["anchor"]]

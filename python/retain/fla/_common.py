@@ -17,24 +17,34 @@ from retain.ops.scan.memory_scan import memory_scan_checked
 IGNORED = ("chunk_size", "cu_seqlens_cpu", "chunk_indices")
 
 
-def check_kwargs(op: str, kwargs: dict, allowed: tuple[str, ...] = ()) -> dict:
-    """fla's ``**kwargs``: the launch details in :data:`IGNORED` are accepted and dropped, a
-    ``chunk_size`` must still be an int, ``head_first`` (removed from fla) and anything else is an
-    error naming the argument."""
+def check_kwargs(op: str, kwargs: dict, allowed: tuple[str, ...] = (), *, state_v_first: bool | None = None,
+                 chunk_sizes: tuple[int, ...] | None = None) -> tuple[dict, bool]:
+    """fla's ``**kwargs``: the launch details in :data:`IGNORED` are accepted and dropped (a
+    ``chunk_size`` must still be one fla takes: ``chunk_sizes``, or any int >= 1), ``allowed`` ones
+    are returned, ``transpose_state_layout`` (fla's deprecated name) sets the state layout of the
+    functions that have ``state_v_first`` (given as that argument's value; None: the function has
+    none); ``head_first`` (removed from fla) and anything else is an error naming the argument.
+    Returns (the allowed keywords, state_v_first)."""
     out = {}
+    layout = False if state_v_first is None else check_bool(op, "state_v_first", state_v_first)
     for name, value in kwargs.items():
         if name == "chunk_size":
             check_int(op, "chunk_size", value, minimum=1)
+            if chunk_sizes is not None and value not in chunk_sizes:
+                raise ValueError(f"{op}: chunk_size must be one of {chunk_sizes} (as fla's), got {value}")
         elif name == "head_first":
             raise TypeError(f"{op}: head_first was removed from flash-linear-attention and is not supported: pass "
                             f"[B, T, H, ...] tensors, got head_first={value!r}")
-        elif name == "transpose_state_layout":
-            out["state_v_first"] = check_bool(op, name, value)
+        elif name == "transpose_state_layout" and state_v_first is not None:
+            if state_v_first:
+                raise ValueError(f"{op}: pass state_v_first or the deprecated transpose_state_layout, not both, got "
+                                 f"state_v_first=True and transpose_state_layout={value!r}")
+            layout = check_bool(op, name, value)
         elif name in allowed:
             out[name] = value
         elif name not in IGNORED:
             raise TypeError(f"{op}: unexpected keyword argument {name!r}, got {name}={type(value).__name__}")
-    return out
+    return out, layout
 
 
 def _flip(x: Tensor | None) -> Tensor | None:

@@ -87,11 +87,12 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
         (torch.Size([1, 6, 2, 4]), torch.Size([1, 2, 4, 4]))
     """
     op = "retain.fla.chunk_gated_delta_rule"
-    extra = check_kwargs(op, kwargs, ("use_gate_in_kernel", "A_log", "dt_bias"))
+    extra, state_v_first = check_kwargs(op, kwargs, ("use_gate_in_kernel", "A_log", "dt_bias"),
+                                        state_v_first=state_v_first, chunk_sizes=(16, 32, 64))
     refuse(op, "cp_context", cp_context, "context parallelism splits a sequence across devices")
     return _gdn(op, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                 extra.get("use_gate_in_kernel", False), extra.get("A_log"), extra.get("dt_bias"),
-                use_beta_sigmoid_in_kernel, allow_neg_eigval, extra.get("state_v_first", state_v_first), cu_seqlens)
+                use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first, cu_seqlens)
 
 
 def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None,
@@ -106,7 +107,7 @@ def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor 
     optional (``g`` [B, T, HV] per head, ``gk`` [B, T, HV, K] per key, summed when both are given;
     ``beta`` None meaning 1); a per-value decay ``gv`` is refused."""
     op = "retain.fla.fused_recurrent_gated_delta_rule"
-    extra = check_kwargs(op, kwargs)
+    _, state_v_first = check_kwargs(op, kwargs, state_v_first=state_v_first)
     refuse(op, "gv", gv, "retain's scans decay the state per key (gk) or per head (g), not per value")
     if gk is not None:
         if check_bool(op, "use_gate_in_kernel", use_gate_in_kernel):
@@ -114,5 +115,5 @@ def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor 
                              f"{tuple(gk.shape) if isinstance(gk, Tensor) else type(gk).__name__}")
         g = gk if g is None else gk + g[..., None]
     return _gdn(op, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval,
-                extra.get("state_v_first", state_v_first), cu_seqlens)
+                use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first,
+                cu_seqlens)

@@ -14,7 +14,7 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float | None = 
     r"""fla's ``chunk_gla`` on retain's kernel: q, k ``[B, T, H, K]``, v ``[B, T, HV, V]``, ``g`` log
     decay ``[B, T, HV, K]``; returns ``(o [B, T, HV, V], final_state [N, HV, K, V] or None)``."""
     op = "retain.fla.chunk_gla"
-    check_kwargs(op, kwargs)
+    _, state_v_first = check_kwargs(op, kwargs, state_v_first=state_v_first)
     return scan(op, q, k, v, 1.0, g=g, objective="dot", scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, state_v_first=state_v_first,
                 names={"g": "g"})
@@ -27,7 +27,7 @@ def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None = Non
     r"""fla's ``fused_recurrent_gla``: :func:`chunk_gla` with the per-key decay named ``gk`` and
     ``reverse``; a per-value decay ``gv`` is not supported (an error, not ignored)."""
     op = "retain.fla.fused_recurrent_gla"
-    check_kwargs(op, kwargs)
+    _, state_v_first = check_kwargs(op, kwargs, state_v_first=state_v_first)
     refuse(op, "gv", gv, "retain's scans decay the state per key (gk) or per head, not per value")
     return scan(op, q, k, v, 1.0, g=gk, objective="dot", scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, reverse=reverse,

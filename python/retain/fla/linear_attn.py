@@ -55,7 +55,7 @@ def _linear_attn(op, q, k, v, scale, initial_state, output_final_state, normaliz
     if not normalize:
         return o, final
     o, z = _normalize(o, q, k, scale, z0, reverse, cu_seqlens)
-    return o, ((final, z) if output_final_state else None)
+    return o, (final, z)  # as fla: the running key sum is returned even without output_final_state
 
 
 def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
@@ -63,7 +63,8 @@ def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | None = Non
                       normalize: bool = True, cu_seqlens: Tensor | None = None, **kwargs):
     r"""fla's ``chunk_linear_attn`` on retain's kernel: q, k ``[B, T, H, K]``, v ``[B, T, HV, V]``
     (HV a multiple of H); returns ``(o [B, T, HV, V], final_state)``, the final state ``[N, HV, K, V]``
-    (with ``normalize``, the pair ``(state, z [N, 1, H, K])``, as fla returns it)."""
+    (with ``normalize``, the pair ``(state or None, z [N, 1, H, K])`` whatever ``output_final_state``,
+    as fla returns it)."""
     check_kwargs("retain.fla.chunk_linear_attn", kwargs)
     return _linear_attn("retain.fla.chunk_linear_attn", q, k, v, scale, initial_state, output_final_state,
                         normalize, False, cu_seqlens)

@@ -33,7 +33,7 @@ def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, g
     ``g`` log decay ``[B, T, HV]`` (any floating dtype: float32 with bfloat16 q, k, v is read as
     float32) and/or ``g_gamma`` ``[HV]``; returns ``(o [B, T, HV, V], final_state [N, HV, K, V] or None)``."""
     op = "retain.fla.chunk_simple_gla"
-    check_kwargs(op, kwargs)
+    _, state_v_first = check_kwargs(op, kwargs, state_v_first=state_v_first)
     return scan(op, q, k, v, 1.0, g=_log_decay(op, q, v, g, g_gamma), objective="dot", scale=scale,
                 initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 state_v_first=state_v_first)
@@ -46,7 +46,7 @@ def fused_recurrent_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None
                                **kwargs):
     r"""fla's ``fused_recurrent_simple_gla``: :func:`chunk_simple_gla` with ``reverse``."""
     op = "retain.fla.fused_recurrent_simple_gla"
-    check_kwargs(op, kwargs)
+    _, state_v_first = check_kwargs(op, kwargs, state_v_first=state_v_first)
     return scan(op, q, k, v, 1.0, g=_log_decay(op, q, v, g, g_gamma), objective="dot", scale=scale,
                 initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 reverse=reverse, state_v_first=state_v_first)
@@ -65,7 +65,7 @@ def chunk_retention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
     r"""fla's ``chunk_retention``: :func:`chunk_simple_gla` with RetNet's decay per head
     (:func:`retention_log_decay`)."""
     op = "retain.fla.chunk_retention"
-    extra = check_kwargs(op, kwargs, ("state_v_first",))
+    extra, _ = check_kwargs(op, kwargs, ("state_v_first",))
     check_tensor(op, "v", v, ndim=4)
     return scan(op, q, k, v, 1.0, g=_log_decay(op, q, v, None, retention_log_decay(v.shape[2], q)),
                 objective="dot", scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -78,7 +78,7 @@ def fused_recurrent_retention(q: Tensor, k: Tensor, v: Tensor, scale: float | No
                               **kwargs):
     r"""fla's ``fused_recurrent_retention``: :func:`chunk_retention` with ``reverse``."""
     op = "retain.fla.fused_recurrent_retention"
-    check_kwargs(op, kwargs)
+    _, state_v_first = check_kwargs(op, kwargs, state_v_first=state_v_first)
     check_tensor(op, "v", v, ndim=4)
     return scan(op, q, k, v, 1.0, g=_log_decay(op, q, v, None, retention_log_decay(v.shape[2], q)),
                 objective="dot", scale=scale, initial_state=initial_state, output_final_state=output_final_state,

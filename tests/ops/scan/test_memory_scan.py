@@ -607,3 +607,14 @@ def test_memory_scan_opcheck_grouped_value_heads_and_float32_gates():
     beta, g = (c[n].detach().float().requires_grad_() for n in ("beta", "g"))
     args = (q, k, v, beta, g, None, None, None, None, 1, 3.0, 1.0, 0.5, True, False, True, 0, 0, True)
     torch.library.opcheck(_ops.memory_scan_op, args)
+
+
+def test_titans_number_alpha_with_grouped_heads_and_16_bit_data():
+    """A Python-number alpha is one gate per value head, in the state dtype: with bfloat16 data a
+    small alpha still forgets (1 - 0.001 is not rounded to 1)."""
+    c = grouped_case(HK=1, r=2, B=1, T=30, K=4, V=3, seed=66, requires_grad=False)
+    q, k, v = (c[n].bfloat16() for n in ("q", "k", "v"))
+    o, (S, _) = titans_linear(q, k, v, 0.5, 0.001, 0.1, output_final_state=True)
+    alpha = torch.full(v.shape[:3], 0.001, dtype=torch.float32)
+    o2, (S2, _) = titans_linear(q, k, v, 0.5, alpha, 0.1, output_final_state=True)
+    assert torch.equal(o, o2) and torch.equal(S, S2)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from retain.ops._checks import check_number, check_tensor
+from retain.ops._dispatch import acc_dtype
 from retain.ops.scan.memory_scan import memory_scan_checked
 
 
@@ -29,8 +30,10 @@ def titans_linear(q: Tensor, k: Tensor, v: Tensor, theta: Tensor | float, alpha:
     """
     op = "retain.ops.titans_linear"
     check_tensor(op, "q", q, ndim=4)
-    if not isinstance(alpha, Tensor):
-        alpha = torch.full(q.shape[:3], check_number(op, "alpha", alpha, finite=False), dtype=q.dtype, device=q.device)
+    check_tensor(op, "v", v, ndim=4)
+    if not isinstance(alpha, Tensor):  # one per value head, in the state dtype (as every gate is read)
+        alpha = torch.full(v.shape[:3], check_number(op, "alpha", alpha, finite=False), dtype=acc_dtype(q.dtype),
+                           device=q.device)
     if eta is None:
         eta = 0.0
     o, final, _ = memory_scan_checked(op, q, k, v, theta, g=1 - alpha, eta=eta, objective="l2", scale=scale,
