@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable, Iterable
 
@@ -72,11 +73,9 @@ def apply_retain_kernels(families: Iterable[str] | None = None) -> list[str]:
     :data:`FAMILIES` this transformers has); returns the families patched. Calling it twice is
     harmless; :func:`revert` undoes it. Raises ValueError for an unknown family name and
     ImportError when transformers is not installed."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError as e:
+    if importlib.util.find_spec("transformers") is None:
         raise ImportError("retain.integrations.transformers.apply_retain_kernels: transformers is not installed "
-                          "(pip install transformers)") from e
+                          "(pip install transformers)")
     wanted = list(FAMILIES) if families is None else list(families)
     unknown = [f for f in wanted if f not in FAMILIES]
     if unknown:
