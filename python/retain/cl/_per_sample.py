@@ -106,6 +106,75 @@ def per_sample_grads(model: nn.Module, names: Sequence[str], params: Sequence[Te
         yield list(grad_fn(detached, x, y)), e - s
 
 
+def functorch_unsupported(err: BaseException) -> bool:
+    """Whether ``err`` is torch.func refusing an operation inside the model (an autograd.Function
+    without functorch support: custom ops, retain's among them on torch 2.13)."""
+    return isinstance(err, RuntimeError) and "functorch transforms" in str(err)
+
+
+def _loop_sample_grads(model, params, objective, args, targets, s, e) -> list[Tensor]:
+    """Per-sample gradients of samples [s, e) by one autograd pass each (the 'loop' method)."""
+    rows = []
+    for i in range(s, e):
+        out = model(*(a[i:i + 1] for a in args))
+        loss = objective(out) if targets is None else objective(out, targets[i:i + 1])
+        if loss.dim() != 0:
+            raise ValueError(f"the loss must be a scalar per sample, got shape {tuple(loss.shape)}")
+        rows.append(torch.autograd.grad(loss, params, allow_unused=True))
+    return [torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
+            for j, p in enumerate(params)]
+
+
+class PerSample:
+    """How a strategy forms per-sample gradients: ``'vmap'`` (``vmap ∘ grad`` over a functional
+    call), ``'loop'`` (one autograd pass per sample: any model, slower) or ``'auto'`` (vmap, moving to
+    the loop for good the first time torch.func cannot pass through the model)."""
+
+    METHODS = ("auto", "vmap", "loop")
+
+    def __init__(self, op: str, method: str):
+        if method not in self.METHODS:
+            raise ValueError(f"{op}: per_sample must be one of {self.METHODS}, got {method!r}")
+        self.method, self.loop = method, method == "loop"
+
+    def _fall_back(self, err: BaseException) -> bool:
+        if self.method == "auto" and not self.loop and functorch_unsupported(err):
+            self.loop = True
+            return True
+        return False
+
+    def grads(self, model, names, params, objective, args, targets, chunk) -> Iterator[tuple[list[Tensor], int]]:
+        """As :func:`per_sample_grads`, by this method; a fallback resumes where vmap stopped."""
+        n, done = args[0].shape[0], 0
+        if not self.loop:
+            try:
+                for grads, m in per_sample_grads(model, names, params, objective, args, targets, chunk):
+                    done += m
+                    yield grads, m
+                return
+            except RuntimeError as e:
+                if not self._fall_back(e):
+                    raise
+        with_y = isinstance(targets, Tensor)
+        for s in range(done, n, chunk):
+            e = min(n, s + chunk)
+            yield _loop_sample_grads(model, params, objective, args, targets if with_y else None, s, e), e - s
+
+    def directional(self, model, names, params, objective, args, targets, tangent, chunk) -> Tensor:
+        """As :func:`per_sample_directional`; the loop forms each gradient and its dot with ``tangent``."""
+        if not self.loop:
+            try:
+                return per_sample_directional(model, names, params, objective, args, targets, tangent, chunk)
+            except RuntimeError as e:
+                if not self._fall_back(e):
+                    raise
+        dots = []
+        for grads, _ in self.grads(model, names, params, objective, args, targets, chunk):
+            d = sum((g.to(torch.float64) * t.to(torch.float64)).flatten(1).sum(1) for g, t in zip(grads, tangent))
+            dots.append(d)
+        return torch.cat(dots) if dots else torch.zeros(0, dtype=torch.float64)
+
+
 def _conv_ok(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros" \
         and not isinstance(mod.padding, str)

@@ -89,7 +89,9 @@ class EWC(FileCheckpoint):
             applied once (MLPs, CNNs), the sums come from one batched forward and backward, the
             layers' inputs and output gradients (for ``[batch, features]`` inputs without forming
             any per-sample gradient: Σ_s (d_s a_sᵀ)² = (d²)ᵀ(a²)); other models use ``vmap ∘
-            grad``; ``'vmap'``: always ``vmap ∘ grad``.
+            grad``, or one autograd pass per sample where torch.func cannot pass through the model
+            (custom ops such as retain's scans on torch 2.13); ``'vmap'``: always ``vmap ∘ grad``;
+            ``'loop'``: always one autograd pass per sample.
 
     Example::
 
@@ -112,8 +114,7 @@ class EWC(FileCheckpoint):
             raise ValueError(f"{_NAME}: fisher must be one of {FISHERS}, got {fisher!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{_NAME}: dtype must be torch.float32 or torch.float64, got {dtype}")
-        if per_sample not in ("auto", "vmap"):
-            raise ValueError(f"{_NAME}: per_sample must be 'auto' or 'vmap', got {per_sample!r}")
+        self._per_sample = ps.PerSample(_NAME, per_sample)
         if online_gamma is not None and not (isinstance(online_gamma, (int, float)) and 0 <= online_gamma <= 1):
             raise ValueError(f"{_NAME}: online_gamma must be None or a number in [0, 1], got {online_gamma!r}")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam == lam:
@@ -182,8 +183,8 @@ class EWC(FileCheckpoint):
                             for t, v in zip(state or (), part):
                                 t.add_(v)
                 else:
-                    for grads, _ in ps.per_sample_grads(self.model, self.names, self.params, loss_fn, args, y,
-                                                        chunk):
+                    for grads, _ in self._per_sample.grads(self.model, self.names, self.params, loss_fn, args, y,
+                                                           chunk):
                         if rank1:
                             rank1_accumulate_(mu, diag, grads)
                         else:
@@ -208,8 +209,8 @@ class EWC(FileCheckpoint):
                         raise ValueError(f"{op}: data gave different batches on its second pass (batch {batch}); "
                                          "a rank-1 mode needs the same samples twice (no shuffling)")
                     y = seen[batch][2]
-                    dots = ps.per_sample_directional(self.model, self.names, self.params, loss_fn, args, y, mu,
-                                                     chunk)
+                    dots = self._per_sample.directional(self.model, self.names, self.params, loss_fn, args, y, mu,
+                                                        chunk)
                     num = num + dots.square().sum().to(num.device)
                     batch += 1
                 if batch != len(seen):

@@ -41,7 +41,8 @@ class MAS(FileCheckpoint):
         dtype: Ω's dtype (float32 or float64).
         chunk_size: samples per vmap call (default: per-sample gradients within 256 MiB).
         per_sample: ``'auto'`` (models of ``nn.Linear`` and ``nn.Conv2d`` layers: the sums from the
-            layers' inputs and output gradients, as :class:`EWC`) or ``'vmap'``.
+            layers' inputs and output gradients, as :class:`EWC`; otherwise vmap, or a loop over samples
+            where torch.func cannot pass through the model), ``'vmap'`` or ``'loop'``.
     """
 
     def __init__(self, model: nn.Module, *, lam: float = 1.0, alpha: float | None = None,
@@ -54,8 +55,7 @@ class MAS(FileCheckpoint):
             raise ValueError(f"{_NAME}: alpha must be None or a number in [0, 1], got {alpha!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{_NAME}: dtype must be torch.float32 or torch.float64, got {dtype}")
-        if per_sample not in ("auto", "vmap"):
-            raise ValueError(f"{_NAME}: per_sample must be 'auto' or 'vmap', got {per_sample!r}")
+        self._per_sample = ps.PerSample(_NAME, per_sample)
         self.model, self.lam, self.alpha, self.chunk_size = model, float(lam), alpha, chunk_size
         self.per_sample = per_sample
         self.names, self.params = ps.trainable(model)
@@ -86,8 +86,8 @@ class MAS(FileCheckpoint):
                         for t, v in zip(new, fast[1]):
                             t.add_(v)
                 else:
-                    for grads, _ in ps.per_sample_grads(self.model, self.names, self.params, _squared_norm, args,
-                                                        None, chunk):
+                    for grads, _ in self._per_sample.grads(self.model, self.names, self.params, _squared_norm,
+                                                           args, None, chunk):
                         mas_accumulate_(new, grads)
                 count += args[0].shape[0]
         finally:
