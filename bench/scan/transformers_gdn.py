@@ -9,7 +9,6 @@ Qwen3-Next-style model unpatched and patched. Median of timed calls after a warm
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -92,7 +91,7 @@ def main():
     import transformers
     from transformers.models.qwen3_next import modeling_qwen3_next as m
 
-    import retain
+    from retain.bench.machine import machine_facts
     from retain.fla import chunk_gated_delta_rule
 
     fallback = m.torch_chunk_gated_delta_rule
@@ -103,13 +102,12 @@ def main():
             t_rt = bench_core(chunk_gated_delta_rule, dtype, backward, args.reps)
             rows.append((str(dtype).removeprefix("torch."), "fwd+bwd" if backward else "fwd", t_hf, t_rt))
     before, after = bench_model(args.reps)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    facts = machine_facts("cpu")
     lines = [
         "# transformers' Gated DeltaNet on the CPU: retain vs transformers' own fallback",
         "",
         f"Command: `python bench/scan/transformers_gdn.py --out {args.out}`  ",
-        f"CPU: {cpu}, retain's `{retain.cpu_capability()}` build, {torch.get_num_threads()} threads; torch "
+        f"CPU: {facts['cpu']}, retain's `{facts['cpu_capability']}` build, {facts['torch_threads']} threads; torch "
         f"{torch.__version__}, transformers {transformers.__version__}; median of {args.reps} calls after a warm-up.",
         "",
         "## The GatedDeltaNet core (B=2, T=2048, 4 value heads over 2 key heads, K=V=64, l2-normalised q/k)",

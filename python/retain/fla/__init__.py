@@ -23,8 +23,8 @@ with HV a multiple of H (grouped value heads, in the kernel: q and k are never r
 gates in any floating dtype (float32 gates with bfloat16 q, k, v are read as float32);
 ``cu_seqlens`` packing; ``initial_state`` / final state ``[N, HV, K, V]`` in float32 (float64 for
 float64 inputs), ``[N, HV, V, K]`` with ``state_v_first``; ``reverse`` on the ``fused_recurrent_*``
-forms that have it. Accepted and ignored (Triton launch details): ``chunk_size``,
-``cu_seqlens_cpu``, ``chunk_indices``. Refused with an error naming them: ``gv`` (per-value
+forms that have it. Accepted and ignored (Triton launch details): ``chunk_size`` (checked as
+fla checks it), ``cu_seqlens_cpu``, ``chunk_indices``. Refused with an error naming them: ``gv`` (per-value
 decay), ``cp_context``, ``head_first`` (removed from fla). ``chunk_*`` and ``fused_recurrent_*``
 of one family compute the same thing here (one fused recurrent kernel, exact in float32).
 """

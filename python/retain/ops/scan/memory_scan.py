@@ -354,9 +354,10 @@ def _backward_launch(grad_o, grad_final_S, grad_final_Z, grad_states, q, k, v, b
         q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, ckpt_S, ckpt_Z)
     grad_o, grad_final_S, grad_final_Z, grad_states = _dispatch.contiguous(grad_o, grad_final_S, grad_final_Z,
                                                                            grad_states)
-    grads = list(_grad_buffers(q, k, v, beta, g, eta, initial_S, initial_Z, _native.empty_like))
-    if v.shape[2] != q.shape[2]:  # grouped value heads: one gradient row per value head, summed by _fold
-        grads[0], grads[1] = (_native.empty_like(q.new_empty((*v.shape[:3], q.shape[-1]))) for _ in range(2))
+    # grouped value heads: the kernels write one q/k gradient row per value head (summed by _fold), so
+    # their buffers are shaped like an expanded view of q (no allocation for the template itself)
+    qk = q if v.shape[2] == q.shape[2] else q[:, :, :1].expand(*v.shape[:3], q.shape[-1])
+    grads = list(_grad_buffers(qk, qk, v, beta, g, eta, initial_S, initial_Z, _native.empty_like))
     d = _params(q, k, v, beta, g, eta, initial_S, initial_Z, cu_seqlens, objective, p, delta, scale, l2norm,
                 retention_first, gate_log, states_every, states_rows)
     d.update(ckpt_S=ckpt_S.data_ptr(), ckpt_Z=_dispatch.ptr(ckpt_Z if eta is not None else None))
