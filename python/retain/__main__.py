@@ -1,4 +1,4 @@
-"""Command line: ``retain info`` and ``retain bench`` (also ``python -m retain ...``)."""
+"""Command line: ``retain demo``, ``retain info`` and ``retain bench`` (also ``python -m retain ...``)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retain", description="retain: fast memory primitives for PyTorch")
     parser.add_argument("--version", action="version", version=f"retain {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a small memory-layer LM on three domains in turn: how much each "
+                          "continual-learning method forgets")
+    from retain.demo.run import add_arguments as demo_arguments, run_cli as demo_cli
+
+    demo_arguments(demo)
+    demo.set_defaults(fn=demo_cli)
     sub.add_parser("info", help="versions, build facts, kernels per device and a smoke test").set_defaults(fn=_info)
     bench = sub.add_parser("bench", help="benchmark ops against their references and peers")
     from retain.bench.cli import add_arguments, run_cli
