@@ -26,6 +26,8 @@ import importlib.util
 import inspect
 from collections.abc import Callable, Iterable
 
+import torch
+
 from retain import _native
 from retain.fla import chunk_gated_delta_rule
 
@@ -48,9 +50,12 @@ def _served(device) -> bool:
 def _retain_version(original: Callable) -> Callable:
     """``original``'s drop-in: its arguments bound by its own signature, retain's kernel for the
     devices retain serves, ``original`` itself for the others."""
-    signature = inspect.signature(original)
+    # transformers with the `kernels` package installed wraps these functions in an nn.Module whose
+    # forward is the function: the arguments are the forward's.
+    function = original.forward if isinstance(original, torch.nn.Module) else original
+    signature = inspect.signature(function)
 
-    @functools.wraps(original)
+    @functools.wraps(function)
     def gated_delta_rule(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         a = bound.arguments
@@ -64,6 +69,8 @@ def _retain_version(original: Callable) -> Callable:
                                       use_qk_l2norm_in_kernel=bool(a.get("use_qk_l2norm_in_kernel", False)),
                                       cu_seqlens=extra.get("cu_seqlens"))
 
+    gated_delta_rule.__wrapped__ = original  # what revert() restores, the module itself where it is one
+    gated_delta_rule.__signature__ = signature
     gated_delta_rule.retain_patched = True
     return gated_delta_rule
 
