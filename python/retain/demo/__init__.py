@@ -3,7 +3,7 @@ three domains one after another (English prose, Python code, arithmetic, all mad
 the Python installation) with six methods — naive fine-tuning, reservoir replay, replay + GeRe,
 EWC, EWC with the rank-1 term, and a combination — and reports how much each forgets.
 
-Run ``retain demo`` (about 5 minutes on 2 CPU cores) or ``retain demo --quick`` (under one);
+Run ``retain demo`` (about 4 minutes on 2 CPU cores) or ``retain demo --quick`` (under one);
 ``python -m retain demo --help`` lists the options. From Python::
 
     import torch

@@ -50,12 +50,12 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 class Trainer:
     """One method's training state: the model, its optimizer and what the method keeps."""
 
-    def __init__(self, spec: MethodSpec, model: nn.Module, cfg, device: torch.device, seed: int):
+    def __init__(self, spec: MethodSpec, model: nn.Module, cfg, device: torch.device):
         self.spec, self.model, self.cfg, self.device = spec, model, cfg, device
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.gen = torch.Generator().manual_seed(seed + 7)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7)
         self.buffer = ReplayBuffer(cfg.replay_capacity, {"seq": ((cfg.seq_len + 1,), torch.int64)},
-                                   policy="reservoir", device=device, seed=seed) if spec.replay else None
+                                   policy="reservoir", device=device, seed=cfg.seed) if spec.replay else None
         self.gere: GeRe | None = None
         self.replay_set: Tensor | None = None   # the windows GeRe anchored, [S, seq_len + 1]
         self.ewc = EWC(model, mode=spec.ewc, lam=cfg.ewc_lam, per_sample="loop") if spec.ewc else None

@@ -46,16 +46,15 @@ QUICK = Config(steps=40, d_model=64, num_heads=2, chars=40_000, n_eval=16, eval_
                fisher_samples=16)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    """tqdm's bar when tqdm is installed (the ``demo`` extra) and wanted; the bare iterable otherwise."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            pass
-        else:
-            return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-    return iterable
+def _progress(total: int, desc: str, enabled: bool):
+    """tqdm's bar when tqdm is installed (the ``demo`` extra) and wanted; None otherwise."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -74,12 +73,11 @@ def run_method(name: str, cfg: Config, domains, device: torch.device, progress: 
     torch.manual_seed(cfg.seed)
     model = TinyLM(d_model=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                    head_dim=cfg.head_dim, mode=cfg.mode).to(device)
-    trainer = Trainer(spec, model, cfg, device, cfg.seed)
+    trainer = Trainer(spec, model, cfg, device)
     evals = [d.eval.to(device) for d in domains]
     steps, curve, task_of_step, R = [0], [evaluate(model, evals)], [0], []
     train_seconds, step = 0.0, 0
-    bar = _progress(range(cfg.steps * len(domains)), cfg.steps * len(domains), f"{name:12s}", progress)
-    bar_iter = iter(bar)
+    bar = _progress(cfg.steps * len(domains), f"{name:12s}", progress)
     for i, domain in enumerate(domains):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + i)
         for batch in domain.batches(cfg.steps, cfg.batch_size, cfg.seq_len, gen):
@@ -87,7 +85,8 @@ def run_method(name: str, cfg: Config, domains, device: torch.device, progress: 
             trainer.step(batch.to(device), i)
             train_seconds += time.perf_counter() - t0
             step += 1
-            next(bar_iter, None)
+            if bar is not None:
+                bar.update()
             if step % cfg.eval_every == 0 or step == cfg.steps * (i + 1):
                 steps.append(step)
                 curve.append(evaluate(model, evals))
@@ -98,12 +97,11 @@ def run_method(name: str, cfg: Config, domains, device: torch.device, progress: 
             fisher_windows = next(domain.batches(1, cfg.fisher_samples, cfg.seq_len, gen)).to(device)
             trainer.end_domain(fisher_windows)
             train_seconds += time.perf_counter() - t0
-    if hasattr(bar, "close"):
+    if bar is not None:
         bar.close()
     # The stability gap: each earlier domain's worst loss at any evaluation after it was learned
     # (min-ACC over negated losses), averaged over the earlier domains, at the end of the stream.
-    after_first = [t for t, k in enumerate(task_of_step) if k > 0]
-    worst = -float(min_acc([[-v for v in row] for row in curve], task_of_step)[-1]) if after_first else math.nan
+    worst = -float(min_acc([[-v for v in row] for row in curve], task_of_step)[-1]) if len(domains) > 1 else math.nan
     return dict(method=name, label=spec.label, final=dict(zip([d.name for d in domains], R[-1])),
                 R=R, forgetting=forgetting(R, lower_is_better=True), bwt=backward_transfer(R, lower_is_better=True),
                 worst_case=worst, seconds=train_seconds, curve=dict(step=steps, loss=curve, task=task_of_step))
