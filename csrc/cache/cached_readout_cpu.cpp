@@ -50,28 +50,46 @@ RETAIN_FORCE_INLINE void tile(int64_t p, const A* __restrict a, int64_t asr, int
     for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * W, acc[r][v]);
 }
 
-template <int NV, typename A>
+// The register tile: kTileRows x kTileVecs accumulators, plus one row of B and the broadcast, fit
+// the capability's registers (4 x 4 of 32 with AVX-512; 6 x 2 of 16 with AVX2 / SSE2, where 4 x 4
+// spilled an accumulator to the stack on every step and ran at half speed).
+constexpr int kTileVecs = kVecRegisters >= 32 ? 4 : 2;
+constexpr int kTileRows = kVecRegisters >= 32 ? 4 : 6;
+
+// The rows of a column block: whole tiles of kTileRows, then one tile of the rows left (R counts down
+// to it at compile time).
+template <int NV, int R = kTileRows, typename A>
 RETAIN_FORCE_INLINE void tile_rows(int64_t m, int64_t p, const A* a, int64_t asr, int64_t ask, const A* b,
                                    int64_t ldb, A* c, int64_t ldc) {
-  int64_t r = 0;
-  for (; r + 4 <= m; r += 4) tile<4, NV>(p, a + r * asr, asr, ask, b, ldb, c + r * ldc, ldc);
-  for (; r < m; ++r) tile<1, NV>(p, a + r * asr, asr, ask, b, ldb, c + r * ldc, ldc);
+  if constexpr (R == kTileRows) {
+    int64_t r = 0;
+    for (; r + R <= m; r += R) tile<R, NV>(p, a + r * asr, asr, ask, b, ldb, c + r * ldc, ldc);
+    a += r * asr, c += r * ldc, m -= r;
+  }
+  if constexpr (R > 1) {
+    if (m == R - 1) tile<R - 1, NV>(p, a, asr, ask, b, ldb, c, ldc);
+    else tile_rows<NV, R - 1>(m, p, a, asr, ask, b, ldb, c, ldc);
+  }
+}
+
+// A column block of nv <= NV vectors (NV counts down to it at compile time).
+template <int NV, typename A>
+RETAIN_FORCE_INLINE void column_block(int64_t nv, int64_t m, int64_t p, const A* a, int64_t asr, int64_t ask,
+                                      const A* b, int64_t ldb, A* c, int64_t ldc) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return column_block<NV - 1>(nv, m, p, a, asr, ask, b, ldb, c, ldc);
+  }
+  tile_rows<NV>(m, p, a, asr, ask, b, ldb, c, ldc);
 }
 
 // C[m, n] += A[m, p] B[p, n] with n a multiple of the vector width (padded scratch), B and C
-// row-major: column blocks of up to 4 vectors, row tiles of 4.
+// row-major: column blocks of kTileVecs vectors, row tiles of kTileRows.
 template <typename A>
 void gemm_acc(int64_t m, int64_t n, int64_t p, const A* a, int64_t asr, int64_t ask, const A* b, int64_t ldb, A* c,
               int64_t ldc) {
   constexpr int64_t W = kLanes<A>;
-  for (int64_t j = 0; j < n; j += 4 * W) {
-    switch (std::min<int64_t>(4, (n - j) / W)) {
-      case 4: tile_rows<4>(m, p, a, asr, ask, b + j, ldb, c + j, ldc); break;
-      case 3: tile_rows<3>(m, p, a, asr, ask, b + j, ldb, c + j, ldc); break;
-      case 2: tile_rows<2>(m, p, a, asr, ask, b + j, ldb, c + j, ldc); break;
-      default: tile_rows<1>(m, p, a, asr, ask, b + j, ldb, c + j, ldc); break;
-    }
-  }
+  for (int64_t j = 0; j < n; j += kTileVecs * W)
+    column_block<kTileVecs>(std::min<int64_t>(kTileVecs, (n - j) / W), m, p, a, asr, ask, b + j, ldb, c + j, ldc);
 }
 
 template <typename A>

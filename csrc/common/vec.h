@@ -46,6 +46,14 @@ struct Vec<double> {
   typedef double type __attribute__((vector_size(kVecBytes)));
   typedef double unaligned __attribute__((vector_size(kVecBytes), aligned(8)));
 };
+// Vector registers the capability has: 32 with AVX-512 (and NEON), 16 with AVX2 and SSE2. Register
+// tiles are sized by it: accumulators that outgrow it spill to the stack on every step.
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kVecRegisters = 32;
+#else
+constexpr int kVecRegisters = 16;
+#endif
+
 template <typename A>
 constexpr int64_t kLanes = kVecBytes / sizeof(A);
 // Float lanes of one vector: 16, 8 or 4.
