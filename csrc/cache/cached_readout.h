@@ -108,6 +108,15 @@ RETAIN_HOST_DEVICE inline A token_gates(A* z, int64_t n, int64_t top_k, A z_onli
   return std::exp(z_online - mx) * inv;
 }
 
+// Whether the CPU backward of a gated or sparse readout over `heads` = B H heads runs fused on
+// nthreads threads (one pass per head, each segment's rows read once): when the heads alone keep
+// the threads evenly busy. Else a token pass over (b, h, segment) units fills the gates and dz
+// scratch and a state pass re-reads the rows. The results are the same bits either way.
+inline bool cpu_backward_fused(int64_t heads, int nthreads) {
+  const int64_t nt = nthreads > 1 ? nthreads : 1;
+  return heads % nt == 0 || heads >= 4 * nt;
+}
+
 // CPU launchers (one build per CPU capability C; call through retain::cpu_dispatch).
 // Forward: y [B, T, H, V].
 template <CpuCapability C, typename T>
@@ -115,7 +124,7 @@ void cached_readout_fwd_cpu(const ReadoutArgs<T>& a, T* y, int nthreads);
 
 // Backward: the gradients of a's inputs from dy. gates [B, H, T, NR + 1] and dz [B, H, T, NR]
 // (NR = num_read, Acc<T>) are scratch the token pass fills and the state pass reads (unused in
-// residual mode).
+// residual mode and when the backward runs fused).
 template <CpuCapability C, typename T>
 void cached_readout_bwd_cpu(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, Acc<T>* gates, Acc<T>* dz,
                             int nthreads);

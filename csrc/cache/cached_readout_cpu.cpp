@@ -1,10 +1,10 @@
 // CPU kernels of the cached readout (csrc/cache/README.md). The forward and the backward's token
-// pass run one unit per (b, h, segment): the segment's rows of q, u, o, dy are read once into
-// scratch, the gates come first (they depend on u and the summaries only, not on the readouts), and
-// each cached state then meets the rows that read it in one small matrix product — the
-// [B, T, NS, H, V] per-segment readouts are never formed. The backward's state pass runs one unit
-// per (b, h), segment by segment, over the tokens that read each state. Every output has one owner, summed in a
-// fixed order: results do not depend on the thread count.
+// pass run one segment at a time: the segment's rows of q, u, o, dy are read once into scratch, the
+// gates come first (they depend on u and the summaries only, not on the readouts), and each cached
+// state then meets the rows that read it in one small matrix product — the [B, T, NS, H, V]
+// per-segment readouts are never formed. The state gradients are summed per (b, h), either fused
+// with the token pass (one unit per head) or in a second pass (cpu_backward_fused). Every output
+// has one owner, summed in a fixed order: results do not depend on the thread count.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -83,13 +83,22 @@ RETAIN_FORCE_INLINE void column_block(int64_t nv, int64_t m, int64_t p, const A*
 }
 
 // C[m, n] += A[m, p] B[p, n] with n a multiple of the vector width (padded scratch), B and C
-// row-major: column blocks of kTileVecs vectors, row tiles of kTileRows.
+// row-major: panels of kPanel rows of B, column blocks of kTileVecs vectors, row tiles of kTileRows.
+// A panel's column block (64 rows of 64 floats: 16 KiB) stays in L1 while every row tile reads it;
+// the state pass's products run over a whole segment's tokens (p = L) and would otherwise stream B
+// from L2 once per row tile.
+constexpr int64_t kPanel = 64;
 template <typename A>
 void gemm_acc(int64_t m, int64_t n, int64_t p, const A* a, int64_t asr, int64_t ask, const A* b, int64_t ldb, A* c,
               int64_t ldc) {
   constexpr int64_t W = kLanes<A>;
-  for (int64_t j = 0; j < n; j += kTileVecs * W)
-    column_block<kTileVecs>(std::min<int64_t>(kTileVecs, (n - j) / W), m, p, a, asr, ask, b + j, ldb, c + j, ldc);
+  for (int64_t k0 = 0; k0 < p; k0 += kPanel) {
+    const int64_t pk = std::min(kPanel, p - k0);
+    const A *ak = a + k0 * ask, *bk = b + k0 * ldb;
+    for (int64_t j = 0; j < n; j += kTileVecs * W)
+      column_block<kTileVecs>(std::min<int64_t>(kTileVecs, (n - j) / W), m, pk, ak, asr, ask, bk + j, ldb, c + j,
+                              ldc);
+  }
 }
 
 template <typename A>
@@ -352,7 +361,7 @@ void backward_tokens(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const La
     if (g.d_o) {
       for (int64_t v = 0; v < V; ++v) store_as(g.d_o[at_v + r * lay.tok_v + v], go * dy[r * Vp + v]);
     }
-    if (lay.NR > 0) {  // for the state pass: gates and dz over the NR readable states
+    if (gates_out) {  // for a separate state pass: gates and dz over the NR readable states
       A* go_row = gates_out + (bh * a.steps + t0 + r) * (lay.NR + 1);
       A* dz_row = dz_out + (bh * a.steps + t0 + r) * lay.NR;
       for (int64_t i = 0; i < lay.NR; ++i) {
@@ -369,13 +378,103 @@ void backward_tokens(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const La
   if (g.dq) store_rows(sc.dq.data(), Kp, m, K, scale, g.dq + at_k, lay.tok_k);
 }
 
-// Scratch of the state pass's (b, h) units: a segment's rows and every readable state's sums.
+// One segment's rows as the state gradients read them: q~ and u [m, Kp], dy [m, ldy], the gates
+// (kNotRead where a state is not read) and dz, row r at r * gw / r * zw.
+template <typename A>
+struct SegmentRows {
+  const A *q, *u, *dy, *gates, *dz;
+  int64_t ldy, gw, zw, m, sr;
+};
+
+// A segment's share of the state gradients, summed into dS [NR, K, Vp] and dc [NR, Kp]: for each
+// state i < sr, dS_i += (gamma_i q~)^T dy over the rows that read i (one product [K, n] x [n, V]) and
+// dc_i += dz_i u over the same rows. qa [L, Kp], dyb [L, Vp] and idx [L] are scratch.
+template <typename A>
+void accumulate_state_grads(const SegmentRows<A>& s, int64_t K, int64_t Kp, int64_t V, int64_t Vp, A* dS, A* dc,
+                            A* qa, A* dyb, int64_t* idx) {
+  for (int64_t i = 0; i < s.sr; ++i) {
+    int64_t n = 0;
+    A* dci = dc ? dc + i * Kp : nullptr;
+    for (int64_t r = 0; r < s.m; ++r) {  // the rows that read i only (a token that did not adds nothing)
+      const A gam = s.gates[r * s.gw + i];
+      if (gam == A(kNotRead)) continue;
+      if (dci) {
+        const A d = s.dz[r * s.zw + i];
+        for (int64_t k = 0; k < Kp; ++k) dci[k] += d * s.u[r * Kp + k];
+      }
+      if (dS)
+        for (int64_t k = 0; k < Kp; ++k) qa[n * Kp + k] = gam * s.q[r * Kp + k];
+      idx[n++] = r;
+    }
+    if (n == 0 || !dS) continue;
+    const A* db = s.dy;  // every row read i: dy's rows as they are; else the reading ones gathered
+    int64_t ldb = s.ldy;
+    if (n != s.m) {
+      for (int64_t j = 0; j < n; ++j) std::copy(s.dy + idx[j] * s.ldy, s.dy + idx[j] * s.ldy + V, dyb + j * Vp);
+      db = dyb, ldb = Vp;
+    }
+    gemm_acc(K, Vp, n, qa, int64_t{1}, Kp, db, ldb, dS + i * K * Vp, Vp);
+  }
+}
+
+// Head (b, h)'s state gradients from their sums dS [NR, K, Vp] and dc [NR, Kp] (null: not wanted);
+// the states nobody reads (i >= NR) get zeros.
+template <typename T>
+void store_state_grads(const ReadoutGrads<T>& g, const Layout<T>& lay, int64_t b, int64_t h, const Acc<T>* dS,
+                       const Acc<T>* dc) {
+  using A = Acc<T>;
+  for (int64_t i = 0; i < lay.NS; ++i) {
+    if (g.dstates) {
+      T* out = g.dstates + lay.s_at(b, i, h);
+      if (i < lay.NR) store_rows(dS + i * lay.K * lay.Vp, lay.Vp, lay.K, lay.V, A(1), out, lay.V);
+      else std::fill(out, out + lay.K * lay.V, T{});
+    }
+    if (g.dseg_keys) {
+      T* out = g.dseg_keys + lay.c_at(b, i, h);
+      if (i < lay.NR) store_rows(dc + i * lay.Kp, lay.Kp, 1, lay.K, A(1), out, 0);
+      else std::fill(out, out + lay.K, T{});
+    }
+  }
+}
+
+// One head's sums of the state gradients, zeroed per head.
+template <typename A>
+struct StateSums {
+  Buffer<A> dS, dc;
+  StateSums(int64_t K, int64_t Kp, int64_t Vp, int64_t NR) : dS(NR * K * Vp), dc(NR * Kp) {}
+  void zero() {
+    std::fill(dS.data(), dS.data() + dS.size(), A(0));
+    std::fill(dc.data(), dc.data() + dc.size(), A(0));
+  }
+};
+
+// The fused backward, one (b, h) per unit: the token pass segment by segment, each segment's rows
+// (already in scratch) then adding its share of the state gradients — q, u and dy are read once.
+template <typename T>
+void backward_head(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const Layout<T>& lay,
+                   const StateMatrices<T>& St, SegmentScratch<Acc<T>>& sc, StateSums<Acc<T>>& sums, int64_t bh) {
+  using A = Acc<T>;
+  sums.zero();
+  A* dS = g.dstates ? sums.dS.data() : nullptr;
+  A* dc = g.dseg_keys ? sums.dc.data() : nullptr;
+  for (int64_t s = 0; s < lay.nseg; ++s) {
+    backward_tokens(a, g, lay, St, sc, nullptr, nullptr, bh * lay.nseg + s);
+    const int64_t m = std::min(a.steps, (s + 1) * lay.L) - s * lay.L, sr = std::min(s, lay.NS), gw = sr + 1;
+    if (sr == 0 || (!dS && !dc)) continue;
+    const SegmentRows<A> rows{sc.q.data(), sc.u.data(), sc.dy.data(), sc.gates.data(), sc.dgate.data(),
+                              lay.Vp, gw, gw, m, sr};
+    accumulate_state_grads(rows, lay.K, lay.Kp, lay.V, lay.Vp, dS, dc, sc.rows_a.data(), sc.rows_b.data(),
+                           sc.idx.data());
+  }
+  store_state_grads(g, lay, bh / a.H, bh % a.H, sums.dS.data(), sums.dc.data());
+}
+
+// Scratch of the separate state pass's (b, h) units: a segment's rows.
 template <typename A>
 struct StateScratch {
-  Buffer<A> q, u, qa, dy, dyb, dS, dc;
+  Buffer<A> q, u, qa, dy, dyb;
   Buffer<int64_t> idx;
-  StateScratch(int64_t L, int64_t K, int64_t Kp, int64_t Vp, int64_t NR)
-      : q(L * Kp), u(L * Kp), qa(L * Kp), dy(L * Vp), dyb(L * Vp), dS(NR * K * Vp), dc(NR * Kp), idx(L) {}
+  StateScratch(int64_t L, int64_t Kp, int64_t Vp) : q(L * Kp), u(L * Kp), qa(L * Kp), dy(L * Vp), dyb(L * Vp), idx(L) {}
 };
 
 // dy's rows [t0, t0 + n) of head (b, h) as a product's operand: in place when they are float rows of
@@ -396,61 +495,26 @@ const Acc<T>* dy_rows(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const L
   return buf.data();
 }
 
-// The state pass, one (b, h) per unit, segment by segment (each segment's rows read once for all
-// the states it reads): dS_i = sum over the tokens t reading i of gamma_ti q~_t dy_t^T (a product
-// [K, n] x [n, V] per segment and state) and dc_i = sum over them of dz_ti u_t.
+// The separate state pass (after a token pass over (b, h, segment) units that wrote the gates and dz
+// into scratch), one (b, h) per unit, segment by segment: each segment's rows read again.
 template <typename T>
 void backward_state(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const Layout<T>& lay, const Acc<T>* gates,
-                    const Acc<T>* dz, StateScratch<Acc<T>>& sc, int64_t bh) {
+                    const Acc<T>* dz, StateScratch<Acc<T>>& sc, StateSums<Acc<T>>& sums, int64_t bh) {
   using A = Acc<T>;
-  const int64_t b = bh / a.H, h = bh % a.H, K = lay.K, V = lay.V, Kp = lay.Kp, Vp = lay.Vp, NR = lay.NR;
-  std::fill(sc.dS.data(), sc.dS.data() + NR * K * Vp, A(0));
-  std::fill(sc.dc.data(), sc.dc.data() + NR * Kp, A(0));
-  const A* grow = gates + bh * a.steps * (NR + 1);
-  const A* zrow = dz + bh * a.steps * NR;
+  const int64_t b = bh / a.H, h = bh % a.H, K = lay.K, Kp = lay.Kp, NR = lay.NR;
+  sums.zero();
   for (int64_t s = 1; s < lay.nseg; ++s) {
     const int64_t t0 = s * lay.L, m = std::min(a.steps, t0 + lay.L) - t0, sr = std::min(s, lay.NS);
-    // the segment's rows, read once for every state they read
     if (g.dseg_keys) load_rows(a.u + lay.q_at(b, t0, h, a.steps), lay.tok_k, m, K, A(1), sc.u.data(), Kp);
     if (g.dstates) load_rows(a.q + lay.q_at(b, t0, h, a.steps), lay.tok_k, m, K, static_cast<A>(a.scale), sc.q.data(), Kp);
-    int64_t ld = Vp;
+    int64_t ld = lay.Vp;
     const A* dy = g.dstates ? dy_rows(a, g, lay, b, h, t0, m, sc.dy, ld) : nullptr;
-    for (int64_t i = 0; i < sr; ++i) {
-      int64_t n = 0;
-      A* dc = sc.dc.data() + i * Kp;
-      for (int64_t r = 0; r < m; ++r) {  // the rows that read i only (a token that did not adds nothing)
-        const A gam = grow[(t0 + r) * (NR + 1) + i];
-        if (gam == A(kNotRead)) continue;
-        if (g.dseg_keys) {
-          const A d = zrow[(t0 + r) * NR + i];
-          for (int64_t k = 0; k < Kp; ++k) dc[k] += d * sc.u[r * Kp + k];
-        }
-        if (g.dstates)
-          for (int64_t k = 0; k < Kp; ++k) sc.qa[n * Kp + k] = gam * sc.q[r * Kp + k];
-        sc.idx[n++] = r;
-      }
-      if (n == 0 || !g.dstates) continue;
-      const A* db = dy;  // every row read i: dy's rows as they are; else the reading ones gathered
-      int64_t ldb = ld;
-      if (n != m) {
-        for (int64_t j = 0; j < n; ++j) std::copy(dy + sc.idx[j] * ld, dy + sc.idx[j] * ld + V, sc.dyb.data() + j * Vp);
-        db = sc.dyb.data(), ldb = Vp;
-      }
-      gemm_acc(K, Vp, n, sc.qa.data(), int64_t{1}, Kp, db, ldb, sc.dS.data() + i * K * Vp, Vp);
-    }
+    const SegmentRows<A> rows{sc.q.data(), sc.u.data(), dy, gates + (bh * a.steps + t0) * (NR + 1),
+                              dz + (bh * a.steps + t0) * NR, ld, NR + 1, NR, m, sr};
+    accumulate_state_grads(rows, K, Kp, lay.V, lay.Vp, g.dstates ? sums.dS.data() : nullptr,
+                           g.dseg_keys ? sums.dc.data() : nullptr, sc.qa.data(), sc.dyb.data(), sc.idx.data());
   }
-  for (int64_t i = 0; i < lay.NS; ++i) {  // states nobody reads get zeros
-    if (g.dstates) {
-      T* out = g.dstates + lay.s_at(b, i, h);
-      if (i < NR) store_rows(sc.dS.data() + i * K * Vp, Vp, K, V, A(1), out, V);
-      else std::fill(out, out + K * V, T{});
-    }
-    if (g.dseg_keys) {
-      T* out = g.dseg_keys + lay.c_at(b, i, h);
-      if (i < NR) store_rows(sc.dc.data() + i * Kp, Kp, 1, K, A(1), out, 0);
-      else std::fill(out, out + K, T{});
-    }
-  }
+  store_state_grads(g, lay, b, h, sums.dS.data(), sums.dc.data());
 }
 
 // The residual mode's state pass, one (b, h) per unit: dS_i = sum over the segments s > i of
@@ -495,9 +559,21 @@ void cached_readout_bwd_cpu(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, A
   const Layout<T> lay(a);
   const StateMatrices<T> St(a, lay, true, nthreads);
   const int64_t cost = lay.L * lay.K * lay.V * std::max<int64_t>(1, lay.NR / 2);
-  parallel_for(a.B * a.H * lay.nseg, 2 * cost, nthreads, [&](int64_t u0, int64_t u1) {
+  const bool gated = a.mode != static_cast<int>(ReadoutMode::Residual);
+  const int64_t heads = a.B * a.H;
+  // Both ways sum every output in the same order: the choice does not change a bit of the results.
+  if (gated && (g.dstates || g.dseg_keys) && cpu_backward_fused(heads, nthreads)) {
+    parallel_for(heads, 3 * cost * lay.nseg, nthreads, [&](int64_t u0, int64_t u1) {
+      SegmentScratch<A> sc(lay.L, lay.Kp, lay.Vp, lay.NR);
+      StateSums<A> sums(lay.K, lay.Kp, lay.Vp, lay.NR);
+      for (int64_t bh = u0; bh < u1; ++bh) backward_head(a, g, lay, St, sc, sums, bh);
+    });
+    return;
+  }
+  parallel_for(heads * lay.nseg, 2 * cost, nthreads, [&](int64_t u0, int64_t u1) {
     SegmentScratch<A> sc(lay.L, lay.Kp, lay.Vp, lay.NR);
-    for (int64_t unit = u0; unit < u1; ++unit) backward_tokens(a, g, lay, St, sc, gates, dz, unit);
+    for (int64_t unit = u0; unit < u1; ++unit)
+      backward_tokens(a, g, lay, St, sc, lay.NR > 0 ? gates : nullptr, dz, unit);
   });
   if (a.mode == static_cast<int>(ReadoutMode::Residual)) {
     if (!g.dstates) return;
@@ -510,8 +586,9 @@ void cached_readout_bwd_cpu(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, A
   if (!g.dstates && !g.dseg_keys) return;
   parallel_for(a.B * a.H, a.steps * lay.K * lay.V * std::max<int64_t>(1, lay.NR / 2), nthreads,
                [&](int64_t u0, int64_t u1) {
-    StateScratch<A> sc(lay.L, lay.K, lay.Kp, lay.Vp, lay.NR);
-    for (int64_t bh = u0; bh < u1; ++bh) backward_state(a, g, lay, gates, dz, sc, bh);
+    StateScratch<A> sc(lay.L, lay.Kp, lay.Vp);
+    StateSums<A> sums(lay.K, lay.Kp, lay.Vp, lay.NR);
+    for (int64_t bh = u0; bh < u1; ++bh) backward_state(a, g, lay, gates, dz, sc, sums, bh);
   });
 }
 

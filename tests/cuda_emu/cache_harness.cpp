@@ -118,7 +118,27 @@ void run_case(const Cfg& c, unsigned seed) {
   const ReadoutGrads<T> g_e{dy.data(), ptr_or_null(dq_e, wq), ptr_or_null(du_e, wu), ptr_or_null(ds_e, ws),
                             ptr_or_null(dc_e, wc), ptr_or_null(do_e, wo), ptr_or_null(dok_e, wok)};
   auto gates_c = nans<A>(ng), dz_c = nans<A>(nz), gates_e = nans<A>(ng), dz_e = nans<A>(nz);
-  cached_readout_bwd_cpu<kCpu, T>(a, g_c, ptr_or_null(gates_c, true), ptr_or_null(dz_c, true), 1);
+  // the CPU backward both ways: fused (one thread) and as a token pass filling the scratch, then a
+  // state pass (a thread count the heads do not divide evenly); the same bits either way
+  const int split = static_cast<int>(4 * B * H + 1);
+  if (cpu_backward_fused(B * H, split) || !cpu_backward_fused(B * H, 1)) {
+    printf("FAIL %s: the thread counts do not pick both CPU backward paths\n", tag.c_str());
+    ++emu_check::fails;
+  }
+  cached_readout_bwd_cpu<kCpu, T>(a, g_c, ptr_or_null(gates_c, true), ptr_or_null(dz_c, true), split);
+  {
+    auto dq_f = nans<T>(ntk), du_f = nans<T>(ntk), ds_f = nans<T>(nst), dc_f = nans<T>(nsk), do_f = nans<T>(ntv),
+         dok_f = nans<T>(ntk), gates_x = nans<A>(ng), dz_x = nans<A>(nz);
+    const ReadoutGrads<T> g_f{dy.data(), ptr_or_null(dq_f, wq), ptr_or_null(du_f, wu), ptr_or_null(ds_f, ws),
+                              ptr_or_null(dc_f, wc), ptr_or_null(do_f, wo), ptr_or_null(dok_f, wok)};
+    cached_readout_bwd_cpu<kCpu, T>(a, g_f, ptr_or_null(gates_x, true), ptr_or_null(dz_x, true), 1);
+    cmp(tag + " fused grad_q", dq_f, dq_c, 0.0);  // tolerance 0: the same bits
+    cmp(tag + " fused grad_u", du_f, du_c, 0.0);
+    cmp(tag + " fused grad_states", ds_f, ds_c, 0.0);
+    cmp(tag + " fused grad_seg_keys", dc_f, dc_c, 0.0);
+    cmp(tag + " fused grad_o", do_f, do_c, 0.0);
+    cmp(tag + " fused grad_online_keys", dok_f, dok_c, 0.0);
+  }
   cached_readout_bwd_cuda<T>(a, g_e, ptr_or_null(gates_e, true), ptr_or_null(dz_e, true), 0);
   const double tol = tol_of<T>();
   if (wq) cmp(tag + " grad_q", dq_c, dq_e, tol);

@@ -273,3 +273,25 @@ def test_cuda_opcheck_and_compile():
                       fullgraph=True)
     xs = [d[n] for n in NAMES]
     assert_close(f(*xs), cached_readout(*xs[:5], online_keys=xs[5], segment_len=4, mode="gated"))
+
+
+@pytest.mark.parametrize("mode,top_k", MODES)
+def test_same_bits_for_any_thread_count(mode, top_k):
+    """Two heads: 1 and 2 threads run the fused backward (one pass per head), 3 the token pass
+    over (b, h, segment) units and then the state pass; every output and gradient has the same bits."""
+    d = make(5, B=1, T=150, H=2, K=64, V=48, L=16, dtype=torch.float32)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(outputs_and_grads(cached_readout, d, 16, mode, top_k))
+    finally:
+        torch.set_num_threads(before)
+    (y1, g1), *others = runs
+    for y, g in others:
+        assert torch.equal(y, y1)
+        for n in NAMES:
+            assert (g[n] is None) == (g1[n] is None), n
+            if g[n] is not None:
+                assert torch.equal(g[n], g1[n]), n
