@@ -333,13 +333,18 @@ void backward_tokens(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const La
     }
     std::fill(sc.w.data(), sc.w.data() + n * Kp, A(0));
     gemm_acc(n, Kp, V, dyi, Vp, int64_t{1}, St.at(lay, a.H, b, i, h), St.ld, sc.w.data(), Kp);
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < n; ++j) {  // one pass over W's row: <q~, W_i> and dq += gamma W_i
       const int64_t r = sc.idx[j];
-      const A* wr = sc.w.data() + j * Kp;
-      const A gam = sc.gates[r * gw + i];
-      sc.dgate[r * gw + i] = dot(sc.q.data() + r * Kp, wr, K);
+      const A *wr = sc.w.data() + j * Kp, *qr = sc.q.data() + r * Kp;
       A* dqr = sc.dq.data() + r * Kp;
-      for (int64_t k = 0; k < Kp; ++k) dqr[k] += gam * wr[k];
+      const VA<A> gam = vsplat(sc.gates[r * gw + i]);
+      VA<A> d{};
+      for (int64_t k = 0; k < Kp; k += kLanes<A>) {  // padded rows: whole vectors, zeros past K
+        const VA<A> w = vload(wr + k);
+        d += vload(qr + k) * w;
+        vstore(dqr + k, vload(dqr + k) + gam * w);
+      }
+      sc.dgate[r * gw + i] = vsum<A>(d);
     }
   }
   // softmax: dz_j = gamma_j (dgate_j - sum_k gamma_k dgate_k); du = sum_j dz_j c_j + dz_o c_online
