@@ -84,9 +84,9 @@ RETAIN_FORCE_INLINE void column_block(int64_t nv, int64_t m, int64_t p, const A*
 
 // C[m, n] += A[m, p] B[p, n] with n a multiple of the vector width (padded scratch), B and C
 // row-major: panels of kPanel rows of B, column blocks of kTileVecs vectors, row tiles of kTileRows.
-// A panel's column block (64 rows of 64 floats: 16 KiB) stays in L1 while every row tile reads it;
-// the state pass's products run over a whole segment's tokens (p = L) and would otherwise stream B
-// from L2 once per row tile.
+// A panel's column block (64 rows of at most 4 vectors: 16 KiB of floats) stays in L1 while every
+// row tile reads it; the state products run over a whole segment's tokens (p = L) and would
+// otherwise stream B from L2 once per row tile.
 constexpr int64_t kPanel = 64;
 template <typename A>
 void gemm_acc(int64_t m, int64_t n, int64_t p, const A* a, int64_t asr, int64_t ask, const A* b, int64_t ldb, A* c,
@@ -465,7 +465,7 @@ void backward_head(const ReadoutArgs<T>& a, const ReadoutGrads<T>& g, const Layo
   for (int64_t s = 0; s < lay.nseg; ++s) {
     backward_tokens(a, g, lay, St, sc, nullptr, nullptr, bh * lay.nseg + s);
     const int64_t m = std::min(a.steps, (s + 1) * lay.L) - s * lay.L, sr = std::min(s, lay.NS), gw = sr + 1;
-    if (sr == 0 || (!dS && !dc)) continue;
+    if (sr == 0) continue;  // nothing cached yet (this schedule runs only when dS or dc is wanted)
     const SegmentRows<A> rows{sc.q.data(), sc.u.data(), sc.dy.data(), sc.gates.data(), sc.dgate.data(),
                               lay.Vp, gw, gw, m, sr};
     accumulate_state_grads(rows, lay.K, lay.Kp, lay.V, lay.Vp, dS, dc, sc.rows_a.data(), sc.rows_b.data(),
